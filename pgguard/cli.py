@@ -1,0 +1,67 @@
+"""The command line: argv → config → app. The only module that exits the process.
+
+Errors are one line on stderr, exit 2 for usage and configuration errors (DESIGN §8).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pgguard.errors import ConfigError
+
+
+class _Group(click.Group):
+    """Turns our ConfigError into the one-line, exit-2 error of DESIGN §8."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            for line in str(exc).splitlines():
+                click.echo(f"pgguard: {line}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pgguard")
+def cli() -> None:
+    """pgguard: a PostgreSQL proxy that classifies every statement and holds sensitive ones
+    until the user steps up with a TOTP code."""
+
+
+@cli.command()
+@click.option("--config", "config_file", metavar="FILE", help="pgguard.yaml (else $PGGUARD_CONFIG, ./pgguard.yaml).")
+@click.option("--listen", metavar="HOST:PORT", help="Client-facing address (default 127.0.0.1:6433).")
+@click.option("--upstream", metavar="ADDR", help="HOST:PORT, postgresql://HOST:PORT or a Unix socket directory.")
+@click.option("--upstream-port", type=int, metavar="PORT", help="Port of the Unix socket file (default 5432).")
+def run(config_file: str | None, listen: str | None, upstream: str | None,
+        upstream_port: int | None) -> None:
+    """Run the proxy in the foreground until SIGTERM or SIGINT."""
+    from pgguard import app  # noqa: PLC0415 - keep `pgguard --help` fast
+    from pgguard.config import find_config_file, load_config  # noqa: PLC0415
+
+    path: Path | None
+    try:
+        path = find_config_file(config_file)
+    except ConfigError:
+        if config_file or not (listen or upstream):
+            raise
+        path = None  # flags alone are a complete configuration
+    config = load_config(path, {"listen": listen, "upstream": upstream,
+                                "upstream_port": upstream_port})
+    sys.exit(app.run(config))
+
+
+@cli.command()
+def demo() -> None:
+    """Start an embedded PostgreSQL with a sample schema and pgguard in front of it."""
+    from pgguard import demo as demo_mod  # noqa: PLC0415
+
+    sys.exit(demo_mod.main())
+
+
+def main() -> None:
+    cli(prog_name="pgguard")
