@@ -1,0 +1,198 @@
+"""Sans-IO framing of PostgreSQL v3 messages (after the startup packet): `type byte, int32 length`.
+
+`Framer.feed(data)` returns the byte slices to write to the other side, in order. Bytes are
+forwarded unchanged and in bulk: a run of messages that nobody needs to look at leaves as one
+slice of the input, and a long message of a *streamed* type (DataRow, CopyData, NoticeResponse,
+and Bind's values) leaves as it arrives, never gathered in memory.
+
+What happens to each message type is one table (`FrameTable`, 256 entries):
+
+    SKIP     forward without a callback; may be streamed before it is complete
+    INSPECT  gather the whole message, then call `on_frame(type, buf, start, end)`
+    HEAD     gather the first `head_bytes` (or the whole message if shorter), call `on_frame`
+             with that head (end = start + head length), then stream the rest
+    INVALID  ProtocolError (frontend only: PostgreSQL ends the connection the same way)
+
+`on_frame` answers FORWARD (None), replacement bytes (sent instead of the message), or HOLD: the
+framer stops at that message and keeps it, and everything after it, unconsumed until
+`resume()` is called with the verdict (FORWARD or replacement bytes). Later `feed()` calls only
+append to the held backlog (`backlog_size` says how much, so the owner can stop reading).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from pgguard.errors import MessageTooLarge, ProtocolError
+
+__all__ = ["FORWARD", "HOLD", "SKIP", "INSPECT", "HEAD", "INVALID", "Framer", "FrameTable",
+           "Verdict", "frame_table"]
+
+SKIP: Final = 0
+INSPECT: Final = 1
+HEAD: Final = 2
+INVALID: Final = 3
+
+
+class _Hold:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "HOLD"
+
+
+FORWARD: Final = None
+HOLD: Final = _Hold()
+
+Verdict = bytes | _Hold | None
+FrameTable = bytes  # 256 entries, one mode per type byte
+OnFrame = Callable[[int, bytes, int, int], Verdict]
+
+
+def frame_table(default: int, **modes: str) -> FrameTable:
+    """Build a table: `frame_table(SKIP, inspect="QP", head="B")`."""
+    table = bytearray([default]) * 256
+    for name, mode in (("skip", SKIP), ("inspect", INSPECT), ("head", HEAD), ("invalid", INVALID)):
+        for ch in modes.get(name, ""):
+            table[ord(ch)] = mode
+    return bytes(table)
+
+
+class Framer:
+    __slots__ = ("_table", "_on_frame", "_max_len", "_head_bytes", "_buf", "_need",
+                 "_stream_left", "_held", "_held_buf")
+
+    def __init__(self, table: FrameTable, on_frame: OnFrame, *, max_len: int = 0x7FFFFFFF,
+                 head_bytes: int = 4096) -> None:
+        self._table = table
+        self._on_frame = on_frame
+        self._max_len = max_len
+        self._head_bytes = head_bytes
+        self._buf = bytearray()  # an incomplete message waiting for more bytes
+        self._need = 0  # how many bytes _buf must hold before it is worth scanning again
+        self._stream_left = 0  # bytes of a streamed message still to pass through
+        self._held = False
+        self._held_buf = bytearray()
+
+    @property
+    def holding(self) -> bool:
+        return self._held
+
+    @property
+    def backlog_size(self) -> int:
+        return len(self._held_buf)
+
+    @property
+    def idle(self) -> bool:
+        """True between messages: nothing partial buffered or streaming."""
+        return not self._buf and not self._stream_left and not self._held
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._held:
+            self._held_buf += data
+            return []
+        out: list[bytes] = []
+        if self._stream_left:
+            n = len(data)
+            if n <= self._stream_left:
+                self._stream_left -= n
+                return [data]
+            out.append(data[: self._stream_left])
+            data = data[self._stream_left :]
+            self._stream_left = 0
+        if self._buf:
+            self._buf += data
+            if len(self._buf) < self._need:
+                return out
+            data = bytes(self._buf)
+            self._buf = bytearray()
+        self._scan(data, out)
+        return out
+
+    def resume(self, verdict: bytes | None) -> list[bytes]:
+        """End a hold: forward the held message (None) or send `verdict` instead of it."""
+        if not self._held:
+            raise RuntimeError("resume() without a hold")
+        data = bytes(self._held_buf)
+        self._held = False
+        self._held_buf = bytearray()
+        out: list[bytes] = []
+        # The held message is complete at the start of `data` (it was INSPECT or HEAD).
+        length = int.from_bytes(data[1:5], "big")
+        end = 1 + length
+        if verdict is None:
+            if end <= len(data):
+                out.append(data[:end])
+            else:  # a HEAD message held before all of it arrived
+                out.append(data)
+                self._stream_left = end - len(data)
+                return out
+        else:
+            out.append(verdict)
+            if end > len(data):
+                # Swallow the rest of a replaced message that is still arriving.
+                raise ProtocolError("cannot replace a message that is still streaming")
+        self._scan(data[end:], out)
+        return out
+
+    def _scan(self, data: bytes, out: list[bytes]) -> None:
+        table, on_frame = self._table, self._on_frame
+        n = len(data)
+        pos = 0
+        flushed = 0  # data[flushed:pos] is forwarded unchanged, written in one slice
+        while pos + 5 <= n:
+            mode = table[data[pos]]
+            length = int.from_bytes(data[pos + 1 : pos + 5], "big")
+            if length < 4:
+                raise ProtocolError(f"invalid message length {length}")
+            if length > self._max_len:
+                raise MessageTooLarge(f"message of {length} bytes exceeds the limit")
+            end = pos + 1 + length
+            if mode == SKIP:
+                if end > n:
+                    self._stream_left = end - n
+                    pos = n
+                    break
+                pos = end
+                continue
+            if mode == INVALID:
+                raise ProtocolError(f"invalid message type {chr(data[pos])!r}")
+            if mode == HEAD and end > n:
+                head_end = pos + 5 + self._head_bytes
+                if head_end > n:
+                    self._need = head_end - pos
+                    break  # wait for the head
+                verdict = on_frame(data[pos], data, pos, head_end)
+                if verdict is not None:
+                    if verdict is HOLD:
+                        if pos > flushed:
+                            out.append(data[flushed:pos])
+                        self._held = True
+                        self._held_buf += data[pos:]
+                        return
+                    raise ProtocolError("cannot replace a message that is still streaming")
+                self._stream_left = end - n
+                pos = n
+                break
+            if end > n:
+                self._need = end - pos
+                break  # INSPECT (or short HEAD): wait for the whole message
+            verdict = on_frame(data[pos], data, pos, end)
+            if verdict is None:
+                pos = end
+                continue
+            if pos > flushed:
+                out.append(data[flushed:pos])
+            if verdict is HOLD:
+                self._held = True
+                self._held_buf += data[pos:]
+                return
+            out.append(verdict)  # type: ignore[arg-type]
+            pos = flushed = end
+        if pos > flushed:
+            out.append(data[flushed:pos])
+        if pos < n:
+            if pos + 5 > n:
+                self._need = 5
+            self._buf = bytearray(data[pos:])

@@ -1,0 +1,306 @@
+"""The listener: accept, negotiate encryption on the raw socket, hand over to a Session.
+
+Encryption is negotiated before any asyncio transport exists (PROTOCOL §1.1): we peek at the
+first bytes so that a plaintext StartupMessage or CancelRequest is left in the socket for the
+session, a direct-TLS ClientHello (first byte 0x16) is left for the TLS handshake, and
+SSLRequest / GSSENCRequest are consumed and answered ('S'/'N'; GSSENC always 'N', after which the
+client may send SSLRequest on the same socket). Bytes that arrive after an SSLRequest and before
+our answer are refused (CVE-2021-23214).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import struct
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import structlog
+
+from pgguard.config import Config
+from pgguard.errors import SqlState, UpstreamError
+from pgguard.protocol import messages as m
+from pgguard.proxy.cancel import CancelRegistry
+from pgguard.proxy.guard import Guard
+from pgguard.proxy.session import Session
+
+log = structlog.get_logger("pgguard.server")
+
+__all__ = ["ProxyContext", "ProxyServer"]
+
+ALPN = "postgresql"
+
+
+def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols([ALPN])
+    return ctx
+
+
+def upstream_ssl_context(mode: str, ca: str | None) -> ssl.SSLContext:
+    if mode == "verify-full":
+        ctx = ssl.create_default_context(cafile=ca)
+    else:  # require: encrypted, not verified (libpq's sslmode=require)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class ProxyContext:
+    """What every session shares: configuration, the guard, the cancel registry, the upstream
+    connector. Cross-session state lives behind interfaces (CancelRegistry, later the store)."""
+
+    def __init__(self, config: Config, guard: Guard, cancels: CancelRegistry,
+                 setting_is_harmless: Callable[[str], bool]) -> None:
+        self.config = config
+        self.guard = guard
+        self.cancels = cancels
+        self.setting_is_harmless = setting_is_harmless
+        self.sessions: set[Session] = set()
+        self.on_upstream_error: Callable[[str], None] = lambda kind: None
+        self._upstream_ssl = (upstream_ssl_context(config.upstream_tls.mode, config.upstream_tls.ca)
+                              if config.upstream_tls.mode != "disable" else None)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._cancel_slots = asyncio.Semaphore(16)
+
+    # -- owned background work --------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def cancel_tasks(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- session bookkeeping --------------------------------------------------------------------
+
+    def session_ready(self, session: Session) -> None:
+        pass
+
+    def session_closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+
+    def upstream_error(self, kind: str) -> None:
+        self.on_upstream_error(kind)
+
+    # -- upstream ---------------------------------------------------------------------------------
+
+    async def connect_upstream(self, factory: Callable[[], asyncio.Protocol]) -> asyncio.Transport:
+        up = self.config.upstream
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.config.limits.startup_timeout):
+                if up.unix_path:
+                    transport, _ = await loop.create_unix_connection(factory, up.unix_path)
+                    return transport  # type: ignore[return-value]
+                assert up.host is not None
+                if self._upstream_ssl is None:
+                    transport, _ = await loop.create_connection(factory, up.host, up.port)
+                    return transport  # type: ignore[return-value]
+                sock = await self._negotiated_tls_socket(up.host, up.port)
+                hostname = up.host if self.config.upstream_tls.mode == "verify-full" else None
+                transport, _ = await loop.create_connection(
+                    factory, sock=sock, ssl=self._upstream_ssl, server_hostname=hostname)
+                return transport  # type: ignore[return-value]
+        except ssl.SSLError as exc:
+            raise UpstreamError("tls", f"TLS with the database server failed: {exc.reason}") from None
+        except TimeoutError:
+            raise UpstreamError("connect", f"{up} did not answer in time") from None
+        except OSError as exc:
+            raise UpstreamError("connect", f"{up}: {exc.strerror or exc}") from None
+
+    async def _negotiated_tls_socket(self, host: str, port: int) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, type_, proto, _, addr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, addr)
+            await loop.sock_sendall(sock, m.ssl_request())
+            answer = await loop.sock_recv(sock, 1)
+        except BaseException:
+            sock.close()
+            raise
+        if answer != b"S":
+            sock.close()
+            raise UpstreamError("tls", "the database server does not accept TLS")
+        return sock
+
+    async def forward_cancel(self, pid: int, secret: bytes) -> None:
+        """Send the real cancel key upstream on a new connection (bounded, with a deadline)."""
+        async with self._cancel_slots:
+            try:
+                async with asyncio.timeout(5):
+                    transport = await self.connect_upstream(asyncio.Protocol)
+                    transport.write(m.cancel_request(pid, secret))
+                    await asyncio.sleep(0)
+                    if transport.can_write_eof():
+                        transport.write_eof()
+                    await asyncio.sleep(0.05)
+                    transport.close()
+            except (UpstreamError, TimeoutError, OSError) as exc:
+                log.info("cancel.forward_failed", error=str(exc))
+
+    def handle_cancel(self, req: m.CancelRequest) -> None:
+        session = self.cancels.lookup(req.pid, req.secret)
+        if session is not None:
+            session.cancel_requested()
+
+
+class ProxyServer:
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        cfg = ctx.config.tls
+        self._tls = server_ssl_context(cfg.cert, cfg.key) if cfg.mode != "disable" and cfg.cert and cfg.key else None
+        self._sock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None
+        return int(self._sock.getsockname()[1])
+
+    async def start(self) -> None:
+        listen = self.ctx.config.listen
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        family, type_, proto, _, addr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(512)
+        sock.setblocking(False)
+        self._sock = sock
+        self._accept_task = loop.create_task(self._accept_loop())
+        log.info("proxy.listening", listen=str(listen), upstream=str(self.ctx.config.upstream),
+                 tls=self.ctx.config.tls.mode)
+
+    async def stop_accepting(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        if self._sock is not None:
+            self._sock.close()
+        for t in list(self._handshakes):
+            t.cancel()
+        await asyncio.gather(*self._handshakes, return_exceptions=True)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(self._sock)
+            except OSError as exc:  # EMFILE and friends: back off, keep serving
+                log.warning("proxy.accept_failed", error=str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(self._handshake(conn, addr))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket, addr: Any) -> None:
+        loop = asyncio.get_running_loop()
+        client_addr = addr[0] if isinstance(addr, tuple) else str(addr)
+        timeout = self.ctx.config.limits.startup_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                tls, direct = await self._negotiate(conn)
+        except (TimeoutError, OSError, _Refused) as exc:
+            if isinstance(exc, _Refused) and exc.reply:
+                with contextlib.suppress(OSError):
+                    conn.send(exc.reply)
+            conn.close()
+            return
+        session = Session(self.ctx, client_addr, tls is not None)
+        self.ctx.sessions.add(session)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: _client_side(session), conn, ssl=tls,
+                ssl_handshake_timeout=timeout if tls else None)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.info("session.tls_failed", client=client_addr, error=str(exc))
+            conn.close()
+            session.close()
+            return
+        if direct:
+            ssl_obj = transport.get_extra_info("ssl_object")
+            if ssl_obj is None or ssl_obj.selected_alpn_protocol() != ALPN:
+                session.close(m.error_response(
+                    SqlState.PROTOCOL_VIOLATION,
+                    "pgguard: direct TLS connection without the postgresql ALPN protocol",
+                    severity="FATAL"))
+
+    async def _negotiate(self, conn: socket.socket) -> tuple[ssl.SSLContext | None, bool]:
+        """Answer SSLRequest/GSSENCRequest; returns (TLS context or None, direct TLS?)."""
+        while True:
+            head = await _peek(conn, 8)
+            if not head:
+                raise _Refused(None)
+            if head[0] == 0x16:  # a TLS ClientHello: direct TLS (PostgreSQL 17+)
+                if self._tls is None:
+                    raise _Refused(None)
+                return self._tls, True
+            if len(head) < 8:
+                await asyncio.sleep(0.005)  # rare: a packet split before 8 bytes
+                continue
+            length, code = struct.unpack("!ii", head)
+            if length != 8 or code not in (m.SSL_REQUEST_CODE, m.GSSENC_REQUEST_CODE):
+                return None, False  # StartupMessage or CancelRequest: the session reads it
+            conn.recv(8)
+            if code == m.GSSENC_REQUEST_CODE or self._tls is None:
+                conn.send(b"N")
+                continue
+            try:
+                extra = conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                extra = b""
+            if extra:
+                raise _Refused(m.error_response(
+                    SqlState.PROTOCOL_VIOLATION,
+                    "pgguard: received unencrypted data after SSL request", severity="FATAL"))
+            conn.send(b"S")
+            return self._tls, False
+
+
+class _Refused(Exception):
+    def __init__(self, reply: bytes | None) -> None:
+        super().__init__("refused")
+        self.reply = reply
+
+
+def _client_side(session: Session) -> asyncio.Protocol:
+    from pgguard.proxy.session import _Side  # noqa: PLC0415
+
+    return _Side(session, client=True)
+
+
+async def _peek(sock: socket.socket, n: int) -> bytes:
+    """Wait until the socket is readable, then look at up to n bytes without consuming them."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return sock.recv(n, socket.MSG_PEEK)
+        except BlockingIOError:
+            pass
+        fut: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+        loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            loop.remove_reader(fd)

@@ -1,0 +1,534 @@
+"""One client session: startup, authentication relay, then the message relay (DESIGN §3).
+
+The relay runs on asyncio.Protocol callbacks. Each direction has a `Framer` (protocol/framing.py)
+that forwards bytes in bulk and calls back only for the messages we must see:
+
+    client → server   Query, Parse, Bind (head), Execute, Describe, Close, Sync, FunctionCall,
+                      CopyDone/CopyFail, Terminate: to keep the reply FIFO and to decide
+    server → client   everything but DataRow, CopyData, NoticeResponse and Notification
+
+The reply FIFO (`_fifo`) holds one entry per forwarded message that expects a reply, in order;
+server replies pop it (PROTOCOL §1.3). An entry is a kind (an int, the frontend type byte), or a
+`_Marked` entry when the message was replaced by a poison whose ErrorResponse must be swapped
+for pgguard's own (PROTOCOL §3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import string
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from pgguard.errors import ClientRefused, ProtocolError, SqlState, UpstreamError
+from pgguard.protocol import messages as m
+from pgguard.protocol.framing import FORWARD, HEAD, INSPECT, INVALID, SKIP, Framer, frame_table
+from pgguard.proxy.guard import Refuse, StatementInfo
+from pgguard.proxy.startup import check_startup
+
+if TYPE_CHECKING:
+    from pgguard.proxy.server import ProxyContext
+
+log = structlog.get_logger("pgguard.session")
+
+__all__ = ["Session", "new_session_id"]
+
+# Frontend: what to look at. Anything not listed is not a frontend message type: 08P01.
+CLIENT_TABLE = frame_table(INVALID, inspect="QPESHCDFXcf", head="B", skip="dp")
+# Backend: stream the bulky and the asynchronous ones, look at the rest.
+SERVER_TABLE = frame_table(INSPECT, skip="DdNA")
+
+# FIFO kinds (frontend type bytes).
+K_QUERY, K_PARSE, K_BIND, K_EXEC, K_SYNC, K_CLOSE = (ord(c) for c in "QPBESC")
+K_DESCRIBE_S, K_DESCRIBE_P = 1, 2
+
+POISON_SQL = b"PGGUARD_REJECTED_STATEMENT"
+POISON_PORTAL = b"\x01pgguard_reject"
+
+STARTUP, CONNECTING, AUTH, READY, CLOSED = range(5)
+
+# Client encodings pgguard can decode SQL in (PostgreSQL name → Python codec).
+ENCODINGS = {
+    "UTF8": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "latin-1", "LATIN2": "iso8859-2",
+    "LATIN9": "iso8859-15", "WIN1252": "cp1252", "WIN1251": "cp1251", "KOI8R": "koi8-r",
+    "EUC_JP": "euc_jp", "SJIS": "shift_jis", "EUC_KR": "euc_kr", "GBK": "gbk", "BIG5": "big5",
+}
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def new_session_id() -> str:
+    """12 characters of [a-z0-9]: 62 bits of randomness (DESIGN §6)."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
+
+
+@dataclass(slots=True)
+class _Marked:
+    kind: int
+    error: bytes  # the complete ErrorResponse that replaces the server's
+
+
+class _Side(asyncio.Protocol):
+    """Transport callbacks of one direction, delegated to the session."""
+
+    __slots__ = ("_s", "_client")
+
+    def __init__(self, session: Session, client: bool) -> None:
+        self._s = session
+        self._client = client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._client:
+            self._s.client_connected(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        if self._client:
+            self._s.client_data(data)
+        else:
+            self._s.server_data(data)
+
+    def eof_received(self) -> bool | None:
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._client:
+            self._s.client_lost(exc)
+        else:
+            self._s.server_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._s.set_read_pause(not self._client, 1, True)
+
+    def resume_writing(self) -> None:
+        self._s.set_read_pause(not self._client, 1, False)
+
+
+class Session:
+    def __init__(self, ctx: ProxyContext, client_addr: str, tls: bool) -> None:
+        self.ctx = ctx
+        self.id = new_session_id()
+        self.client_addr = client_addr
+        self.tls = tls
+        self.user = ""
+        self.database = ""
+        self.state = STARTUP
+        self.client: asyncio.Transport | None = None
+        self.server: asyncio.Transport | None = None
+        self.txn_status = b"I"
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._startup_buf = b""
+        self._pending_client = b""
+        self._client_minor = 0
+        self._owe_negotiate = False
+        self._password_exchanged = False
+        self._real_key: tuple[int, bytes] | None = None
+        self._our_pid: int | None = None
+        self._params: dict[str, str] = {}
+        self._encoding = "utf-8"
+        self._fifo: deque[int | _Marked] = deque()
+        self._statements: dict[bytes, bytes] = {}  # prepared statement name → SQL bytes
+        self._portals: dict[bytes, list[Any]] = {}  # portal → [statement name, executed?]
+        self._client_copy_open = False
+        self._paused = [0, 0]  # read-pause reasons, [client, server] (bit 1: peer buffer full)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._shutting_down = False
+        self._startup_timer: asyncio.TimerHandle | None = None
+        self._cframer = Framer(CLIENT_TABLE, self._on_client_frame,
+                               max_len=ctx.config.limits.max_message_bytes)
+        self._sframer = Framer(SERVER_TABLE, self._on_server_frame)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def client_connected(self, transport: asyncio.Transport) -> None:
+        self.client = transport
+        loop = asyncio.get_running_loop()
+        self._startup_timer = loop.call_later(self.ctx.config.limits.startup_timeout,
+                                              self._startup_timed_out)
+
+    def _startup_timed_out(self) -> None:
+        if self.state < READY:
+            log.info("session.startup_timeout", session=self.id, client=self.client_addr)
+            self.close(m.error_response(SqlState.PROTOCOL_VIOLATION,
+                                        "pgguard: startup did not finish in time",
+                                        severity="FATAL"))
+
+    def close(self, fatal: bytes | None = None) -> None:
+        """End the session: at most one FATAL to the client, Terminate to the server."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        if self._startup_timer is not None:
+            self._startup_timer.cancel()
+        if self.client is not None and not self.client.is_closing():
+            if fatal:
+                self.client.write(fatal)
+            self.client.close()
+        if self.server is not None and not self.server.is_closing():
+            with contextlib.suppress(Exception):
+                self.server.write(m.terminate())
+            self.server.close()
+        if self._our_pid is not None:
+            self.ctx.cancels.release(self._our_pid)
+        for t in self._tasks:
+            t.cancel()
+        if not self.done.done():
+            self.done.set_result(None)
+        self.ctx.session_closed(self)
+
+    def client_lost(self, exc: Exception | None) -> None:
+        self.client = None if self.client is None else self.client
+        self.close()
+
+    def server_lost(self, exc: Exception | None) -> None:
+        # Whatever the server said last (often a FATAL) has been relayed; add nothing.
+        self.close()
+
+    def begin_shutdown(self) -> None:
+        self._shutting_down = True
+        if self.state < READY or self._idle():
+            self.close(_fatal_shutdown())
+
+    def _idle(self) -> bool:
+        return (self.state == READY and not self._fifo and self.txn_status == b"I"
+                and self._cframer.idle)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def set_read_pause(self, client_side: bool, reason: int, on: bool) -> None:
+        """Flow control: stop reading one side while the other side's write buffer is full."""
+        idx = 0 if client_side else 1
+        before = self._paused[idx]
+        after = before | reason if on else before & ~reason
+        self._paused[idx] = after
+        transport = self.client if client_side else self.server
+        if transport is None or transport.is_closing() or bool(before) == bool(after):
+            return
+        if after:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    # -- client bytes -------------------------------------------------------------------------
+
+    def client_data(self, data: bytes) -> None:
+        try:
+            if self.state >= AUTH:
+                out = self._cframer.feed(data)
+                if out and self.server is not None:
+                    self.server.writelines(out)
+            elif self.state == STARTUP:
+                self._startup_data(data)
+            else:  # CONNECTING: keep until the upstream is there
+                self._pending_client += data
+        except ProtocolError as exc:
+            log.info("session.protocol_error", session=self.id, error=str(exc))
+            self.close(m.error_response(SqlState.PROTOCOL_VIOLATION,
+                                        f"pgguard: invalid message: {exc}", severity="FATAL"))
+        except ClientRefused as exc:
+            self.close(m.error_response(exc.sqlstate, exc.message, severity="FATAL",
+                                        hint=exc.hint))
+        except Exception:  # one logged catch-all per connection
+            log.exception("session.bug", session=self.id)
+            self.close(m.error_response(SqlState.INTERNAL_ERROR, "pgguard: internal error",
+                                        severity="FATAL"))
+
+    def _startup_data(self, data: bytes) -> None:
+        buf = self._startup_buf + data
+        length = m.startup_packet_length(buf)
+        if length is None or len(buf) < length:
+            self._startup_buf = buf
+            return
+        packet, rest = buf[:length], buf[length:]
+        self._startup_buf = b""
+        msg = m.parse_startup_packet(packet)
+        if isinstance(msg, m.CancelRequest):
+            self.ctx.handle_cancel(msg)
+            self.close()
+            return
+        if not isinstance(msg, m.StartupMessage):
+            raise ProtocolError("unexpected encryption request")
+        if self.ctx.config.tls.mode == "require" and not self.tls:
+            raise ClientRefused(SqlState.INVALID_AUTHORIZATION,
+                                "pgguard: this server accepts TLS connections only")
+        check_startup(msg.params, self.ctx.setting_is_harmless)
+        self.user = msg.params["user"]
+        self.database = msg.params.get("database") or self.user
+        self._client_minor = msg.minor
+        startup = msg.raw
+        if msg.minor > m.NEWEST_MINOR:
+            # Negotiate down as PostgreSQL does: ask upstream for our newest minor and tell the
+            # client with NegotiateProtocolVersion unless the upstream says it first.
+            startup = m.startup_message(msg.params, m.NEWEST_MINOR)
+            self._owe_negotiate = True
+        self._pending_client = rest
+        self.state = CONNECTING
+        self._spawn(self._connect_upstream(startup))
+
+    async def _connect_upstream(self, startup: bytes) -> None:
+        try:
+            transport = await self.ctx.connect_upstream(lambda: _Side(self, client=False))
+        except UpstreamError as exc:
+            self.ctx.upstream_error(exc.kind)
+            self.close(m.error_response(SqlState.CONNECTION_FAILURE,
+                                        f"pgguard: cannot connect to the database server: {exc}",
+                                        severity="FATAL"))
+            return
+        if self.state == CLOSED:
+            transport.close()
+            return
+        self.server = transport
+        self.state = AUTH
+        transport.write(startup)
+        pending, self._pending_client = self._pending_client, b""
+        if pending:
+            self.client_data(pending)
+
+    # -- client frames (framer callback) ------------------------------------------------------
+
+    def _on_client_frame(self, typ: int, buf: bytes, start: int, end: int) -> bytes | None:
+        fifo = self._fifo
+        if typ == 0x51:  # Query
+            sql = m.parse_query(buf, start, end)
+            refusal = self._decide(sql, "query", None)
+            if refusal is not None:
+                fifo.append(_Marked(K_QUERY, refusal))
+                return m.query(POISON_SQL)
+            fifo.append(K_QUERY)
+        elif typ == 0x50:  # Parse
+            name, sql = m.parse_parse(buf, start, end)
+            self._statements[name] = sql
+            fifo.append(K_PARSE)
+        elif typ == 0x42:  # Bind (head)
+            portal, stmt = m.parse_bind_head(buf, start, end)
+            self._portals[portal] = [stmt, False]
+            fifo.append(K_BIND)
+        elif typ == 0x45:  # Execute
+            portal, _ = m.parse_execute(buf, start, end)
+            entry = self._portals.get(portal)
+            if entry is not None and not entry[1]:
+                entry[1] = True  # later Executes of a running portal continue
+                sql = self._statements.get(entry[0])
+                if sql is not None:
+                    refusal = self._decide(sql, "execute", entry[0])
+                    if refusal is not None:
+                        fifo.append(_Marked(K_EXEC, refusal))
+                        return m.execute(POISON_PORTAL)
+            fifo.append(K_EXEC)
+        elif typ == 0x53:  # Sync
+            if not self._client_copy_open:  # the server ignores Sync during COPY FROM STDIN
+                fifo.append(K_SYNC)
+        elif typ == 0x44:  # Describe
+            kind, _ = m.parse_named(buf, start, end)
+            fifo.append(K_DESCRIBE_S if kind == 0x53 else K_DESCRIBE_P)
+        elif typ == 0x43:  # Close
+            kind, name = m.parse_named(buf, start, end)
+            if kind == 0x53:
+                self._statements.pop(name, None)
+            else:
+                self._portals.pop(name, None)
+            fifo.append(K_CLOSE)
+        elif typ in (0x63, 0x66):  # CopyDone, CopyFail
+            self._client_copy_open = False
+        elif typ == 0x46:  # FunctionCall: calls a function by OID, no SQL to classify
+            err = m.error_response(SqlState.INSUFFICIENT_PRIVILEGE,
+                                   "pgguard: function calls by OID (fastpath) are not allowed")
+            fifo.append(_Marked(K_QUERY, err))
+            return m.query(POISON_SQL)
+        elif typ == 0x58:  # Terminate
+            self._shutting_down = True
+        return FORWARD
+
+    def _decide(self, sql: bytes, message: str, stmt: bytes | None) -> bytes | None:
+        """Ask the guard; an ErrorResponse to substitute when refused, else None."""
+        try:
+            text: str | None = sql.decode(self._encoding)
+        except (UnicodeDecodeError, LookupError):
+            text = None
+        info = StatementInfo(text, message, stmt.decode("utf-8", "replace") if stmt else None)
+        verdict = self.ctx.guard.check(self.user, info)
+        if isinstance(verdict, Refuse):
+            return m.error_response(verdict.sqlstate, verdict.message, detail=verdict.detail,
+                                    hint=verdict.hint)
+        return None
+
+    # -- server bytes -------------------------------------------------------------------------
+
+    def server_data(self, data: bytes) -> None:
+        try:
+            out = self._sframer.feed(data)
+            if out and self.client is not None:
+                self.client.writelines(out)
+        except ClientRefused as exc:
+            self.close(m.error_response(exc.sqlstate, exc.message, severity="FATAL",
+                                        hint=exc.hint))
+        except ProtocolError as exc:
+            log.warning("session.upstream_protocol_error", session=self.id, error=str(exc))
+            self.ctx.upstream_error("reset")
+            self.close(m.error_response(SqlState.PROTOCOL_VIOLATION,
+                                        "pgguard: invalid message from the database server",
+                                        severity="FATAL"))
+        except Exception:
+            log.exception("session.bug", session=self.id)
+            self.close(m.error_response(SqlState.INTERNAL_ERROR, "pgguard: internal error",
+                                        severity="FATAL"))
+
+    def _on_server_frame(self, typ: int, buf: bytes, start: int, end: int) -> bytes | None:
+        if self.state != READY:
+            return self._on_server_startup_frame(typ, buf, start, end)
+        fifo = self._fifo
+        if typ == 0x5A:  # ReadyForQuery: pops through the Sync or Query it answers
+            self.txn_status = buf[start + 5 : start + 6]
+            while fifo:
+                e = fifo.popleft()
+                k = e if type(e) is int else e.kind  # type: ignore[union-attr]
+                if k == K_SYNC or k == K_QUERY:
+                    break
+            if self._shutting_down and not fifo and self.txn_status == b"I":
+                asyncio.get_running_loop().call_soon(self._shutdown_if_idle)
+            return FORWARD
+        if not fifo:
+            if typ == 0x53:
+                self._track_parameter(buf, start, end)
+            return FORWARD
+        head = fifo[0]
+        hk = head if type(head) is int else head.kind  # type: ignore[union-attr]
+        if typ in (0x31, 0x32, 0x33, 0x6E, 0x73):  # ParseComplete BindComplete CloseComplete NoData PortalSuspended
+            fifo.popleft()
+        elif typ == 0x43 or typ == 0x49:  # CommandComplete, EmptyQueryResponse
+            if hk == K_EXEC:
+                fifo.popleft()
+        elif typ == 0x54:  # RowDescription
+            if hk == K_DESCRIBE_S or hk == K_DESCRIBE_P:
+                fifo.popleft()
+        elif typ == 0x45:  # ErrorResponse
+            replacement = head.error if type(head) is _Marked else None
+            if hk != K_QUERY:
+                # Extended protocol: the server skips to Sync; drop what it will not answer.
+                while fifo:
+                    e = fifo[0]
+                    if (e if type(e) is int else e.kind) == K_SYNC:  # type: ignore[union-attr]
+                        break
+                    fifo.popleft()
+            self._client_copy_open = False
+            return replacement
+        elif typ == 0x47:  # CopyInResponse
+            if hk == K_EXEC:
+                # Syncs pipelined after this Execute reach the server in copy-in mode: ignored.
+                keep = [fifo.popleft()]
+                while fifo and (fifo[0] if type(fifo[0]) is int else K_QUERY) == K_SYNC:
+                    fifo.popleft()
+                fifo.extendleft(keep)
+            self._client_copy_open = True
+        elif typ == 0x53:
+            self._track_parameter(buf, start, end)
+        return FORWARD
+
+    def _on_server_startup_frame(self, typ: int, buf: bytes, start: int, end: int) -> bytes | None:
+        if typ == 0x52:  # Authentication*
+            code = m.parse_auth_code(buf, start, end)
+            prefix = self._negotiate_prefix()
+            if code == 0:
+                if not self._password_exchanged and not self.ctx.config.allow_trust:
+                    raise ClientRefused(
+                        SqlState.INVALID_AUTHORIZATION,
+                        f'pgguard: the database server let user "{self.user}" in without a '
+                        "password; pgguard refuses trust authentication",
+                        hint="require a password in pg_hba.conf for pgguard's address, "
+                             "or set auth.allow_trust: true")
+                return prefix + buf[start:end] if prefix else FORWARD
+            if code in (3, 5):  # cleartext, MD5
+                self._password_exchanged = True
+            elif code == 10:  # SASL: never relay -PLUS (PROTOCOL §2)
+                self._password_exchanged = True
+                mechs = m.parse_sasl_mechanisms(buf, start, end)
+                kept = [x for x in mechs if not x.endswith(b"-PLUS")]
+                if not kept:
+                    raise ClientRefused(SqlState.INVALID_AUTHORIZATION,
+                                        "pgguard: the server offers only SASL channel binding, "
+                                        "which cannot pass through a proxy")
+                if kept != mechs or prefix:
+                    return prefix + m.authentication_sasl(kept)
+                return FORWARD
+            elif code not in (11, 12):
+                raise ClientRefused(SqlState.INVALID_AUTHORIZATION,
+                                    f"pgguard: unsupported authentication method (code {code})")
+            return prefix + buf[start:end] if prefix else FORWARD
+        if typ == 0x76:  # NegotiateProtocolVersion from upstream: it speaks for us too
+            self._owe_negotiate = False
+            return FORWARD
+        if typ == 0x4B:  # BackendKeyData: keep the real key, give the client ours
+            self._real_key = (int.from_bytes(buf[start + 5 : start + 9], "big", signed=True),
+                              bytes(buf[start + 9 : end]))
+            return self._our_key_data(len(self._real_key[1]))
+        if typ == 0x53:
+            self._track_parameter(buf, start, end)
+            return FORWARD
+        if typ == 0x5A:
+            prefix = b""
+            if self._our_pid is None:  # upstream sent no BackendKeyData: issue ours anyway
+                prefix = self._our_key_data(4 if self._client_minor < 2 else 32)
+            self.state = READY
+            self.txn_status = buf[start + 5 : start + 6]
+            if self._startup_timer is not None:
+                self._startup_timer.cancel()
+            self.ctx.session_ready(self)
+            log.info("session.start", session=self.id, user=self.user, db=self.database,
+                     client=self.client_addr, tls=self.tls)
+            if self._shutting_down:
+                asyncio.get_running_loop().call_soon(self._shutdown_if_idle)
+            return prefix + buf[start:end] if prefix else FORWARD
+        return FORWARD
+
+    def _negotiate_prefix(self) -> bytes:
+        if not self._owe_negotiate:
+            return b""
+        self._owe_negotiate = False
+        return m.negotiate_protocol_version(m.NEWEST_MINOR, [])
+
+    def _our_key_data(self, secret_len: int) -> bytes:
+        if self._our_pid is not None:
+            self.ctx.cancels.release(self._our_pid)
+        pid, secret = self.ctx.cancels.issue(self, secret_len)
+        self._our_pid = pid
+        return m.backend_key_data(pid, secret)
+
+    def _track_parameter(self, buf: bytes, start: int, end: int) -> None:
+        name, value = m.parse_parameter_status(buf, start, end)
+        self._params[name] = value
+        if name == "client_encoding":
+            self._encoding = ENCODINGS.get(value.upper(), "unknown")
+
+    def _shutdown_if_idle(self) -> None:
+        if self.state != CLOSED and self._idle():
+            self.close(_fatal_shutdown())
+
+    # -- cancel ---------------------------------------------------------------------------------
+
+    def cancel_requested(self) -> None:
+        """A CancelRequest with our key arrived: forward it only while something is in flight."""
+        if self.state != READY or not self._fifo or self._real_key is None:
+            return
+        pid, secret = self._real_key
+        self.ctx.spawn(self.ctx.forward_cancel(pid, secret))
+
+    @property
+    def parameters(self) -> dict[str, str]:
+        return self._params
+
+
+def _fatal_shutdown() -> bytes:
+    return m.error_response(SqlState.ADMIN_SHUTDOWN,
+                            "terminating connection due to administrator command",
+                            severity="FATAL")
+
+
+OnClose = Callable[[Session], None]
