@@ -1,0 +1,102 @@
+"""`ClassificationCache`: the hot-path entry point (CLASSIFICATION §10, DESIGN §4).
+
+Keyed by the exact statement text (no normalisation: what is classified must be what
+PostgreSQL parses) plus the session's `standard_conforming_strings` and whether the text came
+from a Parse (one statement allowed). The epoch — rules version, catalog version — is not in the
+key: `update()` with a different epoch empties the cache instead, so a hit is one dict lookup.
+Bounded LRU by entries and by total characters; UNKNOWN is cached too; session-dependent
+results (EXECUTE, FETCH, MOVE) never are.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from pgguard.classify.catalog import CatalogSnapshot
+from pgguard.classify.classifier import Classification, classify
+from pgguard.classify.rules import PiiRules
+from pgguard.classify.session import SessionFacts
+
+_Key = tuple[str, bool, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    hits: int
+    misses: int
+    entries: int
+    chars: int
+    epoch: tuple[str, str]
+
+
+class ClassificationCache:
+    """One per process (or per database of `catalog.dsn`), shared by all sessions; owned by the
+    composition root. Not thread-safe: call it from the event loop thread."""
+
+    __slots__ = ("_chars", "_entries", "catalog", "hits", "max_chars", "max_entries",
+                 "max_sql_bytes", "misses", "rules")
+
+    def __init__(self, rules: PiiRules, catalog: CatalogSnapshot | None = None, *,
+                 max_entries: int = 10_000, max_chars: int = 32 << 20,
+                 max_sql_bytes: int | None = None) -> None:
+        self.rules = rules
+        self.catalog = catalog
+        self.max_entries = max_entries
+        self.max_chars = max_chars
+        self.max_sql_bytes = max_sql_bytes
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[_Key, Classification] = OrderedDict()
+        self._chars = 0
+
+    @property
+    def epoch(self) -> tuple[str, str]:
+        return (self.rules.version, self.catalog.version if self.catalog is not None else "-")
+
+    def update(self, rules: PiiRules | None = None,
+               catalog: CatalogSnapshot | None = None) -> bool:
+        """New rules (hot reload) and/or a refreshed catalog. Clears the cache when the epoch
+        changes; returns whether it did."""
+        before = self.epoch
+        if rules is not None:
+            self.rules = rules
+        if catalog is not None:
+            self.catalog = catalog
+        if self.epoch != before:
+            self.clear()
+            return True
+        return False
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._chars = 0
+
+    def classify(self, sql: str, session: SessionFacts | None = None, *,
+                 parse_message: bool = False) -> Classification:
+        """Classify `sql` for `session` (a Query string, or a Parse's text with
+        `parse_message=True`). The caller applies `result.session_changes` to its
+        `SessionFacts` once it forwards the message."""
+        key = (sql, session.standard_conforming_strings if session is not None else True,
+               parse_message)
+        hit = self._entries.get(key)
+        if hit is not None:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return hit
+        self.misses += 1
+        result = classify(sql, self.rules, self.catalog, session,
+                          max_sql_bytes=self.max_sql_bytes, single_statement=parse_message)
+        if not result.session_dependent and len(sql) <= self.max_chars:
+            self._entries[key] = result
+            self._chars += len(sql)
+            while len(self._entries) > self.max_entries or self._chars > self.max_chars:
+                old_key, _ = self._entries.popitem(last=False)
+                self._chars -= len(old_key[0])
+        return result
+
+    def stats(self) -> CacheStats:
+        return CacheStats(self.hits, self.misses, len(self._entries), self._chars, self.epoch)
+
+    def __len__(self) -> int:
+        return len(self._entries)
