@@ -4,8 +4,10 @@ Every client runs the same scenarios against two targets of the same server: `di
 PostgreSQL of the `pg` fixture) and `guarded` (a `pgguard run` in front of it, with client-side
 TLS and the `debug.refuse_pattern` test hook). The results are JSON-able values that must be
 equal once `canon()` has mapped the one expected difference: a statement that matches the
-refuse pattern fails direct with 42883 (an undefined function, chosen so that PostgreSQL fails
-at the same protocol position) and through pgguard with 42501.
+refuse pattern calls `pgguard_refuse_me()`, a function that raises P0001 when it runs, so direct
+it fails at execution with P0001 and through pgguard it is refused with 42501. (A failure at
+parse time, such as an undefined function, would hide the refusal: pgguard decides at Query and
+at the first Execute, and PostgreSQL's own earlier error comes first.)
 
 `PGGUARD_MATRIX_SELFTEST=1` points the `guarded` target at PostgreSQL itself. It exists only to
 check the runners while the proxy is being written; CI never sets it.
@@ -27,10 +29,10 @@ from pgguard.localpg import LocalPostgres
 from tests.proxyproc import ProxyProcess
 
 HERE = Path(__file__).resolve().parent
-# A call of an undefined function: direct it fails with 42883 where pgguard refuses it with 42501.
+# Direct this fails when it runs (P0001, see refusable_function); pgguard refuses it with 42501.
 REFUSED_SQL = "SELECT pgguard_refuse_me()"
 REFUSE_PATTERN = "pgguard_refuse_me"
-DIRECT_REFUSED_STATE = "42883"
+DIRECT_REFUSED_STATE = "P0001"
 POLICY_STATE = "42501"
 SELFTEST = os.environ.get("PGGUARD_MATRIX_SELFTEST") == "1"
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -82,11 +84,14 @@ def guard_config(certs: tuple[Path, Path], **more: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def direct(pg: LocalPostgres) -> Target:
+    pg.psql("CREATE OR REPLACE FUNCTION public.pgguard_refuse_me() RETURNS int LANGUAGE plpgsql"
+            " AS $$BEGIN RAISE EXCEPTION 'pgguard_refuse_me ran' USING ERRCODE = 'P0001';"
+            " END$$;", dbname="app")
     return Target("direct", pg, pg.port)
 
 
 @pytest.fixture(scope="module")
-def guarded(pg: LocalPostgres, certs: tuple[Path, Path],
+def guarded(pg: LocalPostgres, direct: Target, certs: tuple[Path, Path],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     """pgguard in front of `pg` (plaintext upstream leg, TLS toward the client allowed)."""
     if SELFTEST:

@@ -85,7 +85,7 @@ async def sc_tls(t: Target) -> dict:
     ctx.verify_mode = ssl.CERT_NONE
     c = await connect(t, ssl=ctx)
     try:
-        return {"ssl": c.transport.get_extra_info("ssl_object") is not None,
+        return {"ssl": c._transport.get_extra_info("ssl_object") is not None,
                 "row": await c.fetchval("SELECT 40 + 2")}
     finally:
         await c.close()

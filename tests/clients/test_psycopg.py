@@ -227,7 +227,6 @@ def sc_refused_in_tx(t: Target) -> dict:
             c.execute(REFUSED_SQL)
         except psycopg.Error as exc:
             out["error"] = state(exc)
-            out["message_prefix"] = str(exc).split(":")[0]
         try:
             c.execute("SELECT 1")
         except psycopg.Error as exc:
