@@ -63,5 +63,20 @@ def demo() -> None:
     sys.exit(demo_mod.main())
 
 
+@cli.command()
+@click.argument("sql", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--batch", "batch_file", metavar="FILE",
+              help="JSON lines, each a JSON string (one message); one JSON object out per line.")
+@click.option("--config", "config_file", metavar="FILE",
+              help="pgguard.yaml (else $PGGUARD_CONFIG, ./pgguard.yaml).")
+def explain(sql: str | None, as_json: bool, batch_file: str | None,
+            config_file: str | None) -> None:
+    """Classify SQL (an argument, or - for stdin) and show why. Exit 0 even when unknown."""
+    from pgguard.explain import run_explain
+
+    sys.exit(run_explain(sql, as_json=as_json, batch_file=batch_file, config_file=config_file))
+
+
 def main() -> None:
     cli(prog_name="pgguard")
