@@ -184,7 +184,8 @@ def test_startup_refusals(guarded: Target) -> None:
     out = subprocess.run([exe, "-X", "-d", "dbname=app replication=database", "-c",
                           "IDENTIFY_SYSTEM"], env=env(guarded), capture_output=True, text=True,
                          timeout=30)
-    assert out.returncode == 2 and out.stderr.startswith("psql: error"), out.stderr
+    assert out.returncode == 2 and "pgguard: replication connections are not allowed" \
+        in out.stderr, out.stderr
 
 
 @pytest.mark.slow
