@@ -97,6 +97,7 @@ def run_proxy_benchmarks(settings: BenchSettings) -> dict[str, Any]:
         for name in ("pgguard", "relay"):
             if name in names:
                 report.setdefault("proxy_log_tail", {})[name] = targets.log_tail(name)[-1000:]
+    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report.update(pgbench=tps, latency=lat,
                   targets=speed_targets(tps, lat, report["skipped"]),
                   elapsed_seconds=round(time.monotonic() - started, 1))
@@ -111,8 +112,14 @@ def run_proxy_benchmarks(settings: BenchSettings) -> dict[str, Any]:
         print(f"  {t['verdict']:<8} {t['name']}  (measured: {value})")
     for name, why in report["skipped"].items():
         print(f"  note: {name} was not measured: {why.splitlines()[0]}")
-    print(f"  note: load average at start {report['machine']['loadavg_at_start']} on "
-          f"{report['machine']['cpus']} CPUs; other work on the machine makes numbers noisy")
+    machine = report["machine"]
+    print(f"  note: load average {machine['loadavg_at_start'][0]} at start, "
+          f"{machine['loadavg_at_end'][0]} at end (ours included), on {machine['cpus']} CPUs"
+          + ("; above 1 per CPU at start, the machine was busy with other work: noisy numbers"
+             if machine["loadavg_at_start"][0] > (machine["cpus"] or 1) else ""))
+    if settings.profile:
+        print(f"  note: pgguard ran under cProfile (stats in {settings.profile}): "
+              "its numbers are not measurements")
     return report
 
 

@@ -54,6 +54,7 @@ class BenchSettings:
     server: str = "debian"      # BENCH_PG: debian (PostgreSQL 15, as pgbench) or embedded (18)
     pgguard_config: str | None = None  # BENCH_PGGUARD_CONFIG: `pgguard run --config FILE`
     strict: bool = False        # BENCH_STRICT=1: exit 1 when a speed target is missed
+    profile: str | None = None  # BENCH_PROFILE=FILE: run pgguard under cProfile, stats to FILE
 
     @classmethod
     def from_env(cls) -> BenchSettings:
@@ -74,6 +75,7 @@ class BenchSettings:
             server=env.get("BENCH_PG", "debian"),
             pgguard_config=env.get("BENCH_PGGUARD_CONFIG") or None,
             strict=env.get("BENCH_STRICT", "") in ("1", "true", "yes"),
+            profile=str(Path(env["BENCH_PROFILE"]).resolve()) if env.get("BENCH_PROFILE") else None,
         )
 
 
@@ -355,6 +357,10 @@ class BenchTargets:
 
     def _start_pgguard(self) -> Target:
         argv = [sys.executable, "-m", "pgguard", "run"]
+        if self.settings.profile:
+            # cProfile writes its stats when pgguard exits on our SIGTERM. Its overhead makes
+            # the numbers of such a run useless as measurements: it is for finding hot spots.
+            argv[1:1] = ["-m", "cProfile", "-o", self.settings.profile]
         if self.settings.pgguard_config:
             argv += ["--config", str(Path(self.settings.pgguard_config).resolve())]
         self.versions["pgguard"] = _git_describe()
