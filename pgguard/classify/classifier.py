@@ -150,8 +150,7 @@ def classify(sql: str, rules: PiiRules, catalog: CatalogSnapshot | None = None,
     except (TokenError, RecursionError) as exc:
         return _whole_unknown(sql, f"tokenizer error: {_short(exc)}",
                               "<statement that could not be tokenized>")
-    fingerprint = _fingerprint(flats)
-    redacted = _redact(sql, flats)
+    fingerprint, redacted = _fingerprint_and_redact(sql, flats)
     if not chunks:
         return Classification(frozenset(), (), fingerprint=fingerprint, redacted_sql=redacted)
     run = _Run(rules, catalog, facts)
@@ -193,50 +192,41 @@ def _whole_unknown(sql: str, reason: str, redacted: str | None) -> Classificatio
                           fingerprint=f"raw:{digest}", redacted_sql=shown, reason=reason)
 
 
-def _fingerprint(flats: list[list[FlatToken]]) -> str:
-    """Stable across literal values, whitespace, comments and keyword case."""
+def _fingerprint_and_redact(sql: str, flats: list[list[FlatToken]]) -> tuple[str, str]:
+    """One pass over the un-lumped tokens.
+
+    Fingerprint: stable across literal values, whitespace, comments and keyword case.
+    Redacted SQL: the message with every literal (strings of any quoting, numbers, dollar-quoted
+    bodies) replaced by `<redacted>`: unambiguous next to jsonb's `?`, `?|`, `?&` operators and
+    `$n` parameters (kept), and never valid SQL, so a redacted text is not mistaken for a real
+    one. Comments are kept.
+    """
     parts: list[str] = []
-    for flat in flats:
-        for t in _literals_marked(flat):
-            if t is None:
-                parts.append("?")
-            elif t.type is TokenType.IDENTIFIER:
-                parts.append('"' + t.text + '"')
-            elif t.type is TokenType.VAR:
-                parts.append(fold(t.text))
-            else:
-                parts.append(t.text.upper())
-        parts.append(";")
-    return hashlib.blake2b(" ".join(parts).encode("utf-8", "surrogatepass"),
-                           digest_size=8).hexdigest()
-
-
-def _redact(sql: str, flats: list[list[FlatToken]]) -> str:
-    """The message with every literal (strings of any quoting, numbers, dollar-quoted bodies)
-    replaced by `<redacted>`: unambiguous next to jsonb's `?`, `?|`, `?&` operators and `$n`
-    parameters, and never valid SQL, so a redacted text is not mistaken for a real one."""
     out: list[str] = []
     pos = 0
+    literal, ident, var, param, number = (LITERAL_TOKENS, TokenType.IDENTIFIER, TokenType.VAR,
+                                          TokenType.PARAMETER, TokenType.NUMBER)
     for flat in flats:
-        for t, lit in zip(flat, _literals_marked(flat), strict=True):
-            if lit is None:
-                out.append(sql[pos:t.start])
+        prev_type, prev_end = None, -1
+        for ttype, text, start, end in flat:
+            if ttype in literal and not (ttype is number and prev_type is param
+                                         and prev_end == start):
+                parts.append("?")
+                out.append(sql[pos:start])
                 out.append(REDACTED)
-                pos = t.end
+                pos = end
+            elif ttype is ident:
+                parts.append('"' + text + '"')
+            elif ttype is var:
+                parts.append(fold(text))
+            else:
+                parts.append(text.upper())
+            prev_type, prev_end = ttype, end
+        parts.append(";")
     out.append(sql[pos:])
-    return "".join(out)
-
-
-def _literals_marked(flat: list[FlatToken]) -> list[FlatToken | None]:
-    """The tokens with literals replaced by None; `$1` (PARAMETER + NUMBER) is not a literal."""
-    out: list[FlatToken | None] = []
-    prev: FlatToken | None = None
-    for t in flat:
-        is_param_number = (t.type is TokenType.NUMBER and prev is not None
-                           and prev.type is TokenType.PARAMETER and prev.end == t.start)
-        out.append(None if t.type in LITERAL_TOKENS and not is_param_number else t)
-        prev = t
-    return out
+    digest = hashlib.blake2b(" ".join(parts).encode("utf-8", "surrogatepass"),
+                             digest_size=8).hexdigest()
+    return digest, "".join(out)
 
 
 def _word(tok: Any) -> str:
@@ -812,8 +802,8 @@ def _ddl_is_admin(lead: str, chunk: Chunk) -> bool:
 def _check_unicode_identifiers(flat: list[FlatToken]) -> None:
     """`U&"…"`: sqlglot reads `U & "…"`, PostgreSQL an escaped identifier → UNKNOWN."""
     for a, b, c in zip(flat, flat[1:], flat[2:], strict=False):
-        if a.type is TokenType.VAR and a.text in ("U", "u") and b.type is TokenType.AMP and \
-                c.type is TokenType.IDENTIFIER and a.end == b.start and b.end == c.start:
+        if a[0] is TokenType.VAR and a[1] in ("U", "u") and b[0] is TokenType.AMP and \
+                c[0] is TokenType.IDENTIFIER and a[3] == b[2] and b[3] == c[2]:
             raise _Unknown('U&"…" identifier (sqlglot does not decode it)')
 
 

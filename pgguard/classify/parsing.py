@@ -97,29 +97,21 @@ def lumped_tail(chunk: Chunk) -> Chunk | None:
     return Chunk(tail, tuple(inner), chunk.base + tail_start)
 
 
-@dataclass(frozen=True, slots=True)
-class FlatToken:
-    """A token of the fully un-lumped statement with absolute offsets (end exclusive)."""
-
-    type: TokenType
-    text: str
-    start: int
-    end: int
+# A token of the fully un-lumped statement: (type, text, start, end), absolute offsets in the
+# message, end exclusive. Plain tuples: this runs for every token of every cold message.
+FlatToken = tuple[TokenType, str, int, int]
 
 
 def flatten(chunk: Chunk) -> list[FlatToken]:
     """All tokens of the statement, lumped tails re-tokenized recursively."""
-    out: list[FlatToken] = []
+    base = chunk.base
     tail = lumped_tail(chunk)
-    if tail is not None:
-        t0 = chunk.tokens[0]
-        out.append(FlatToken(t0.token_type, t0.text, chunk.base + t0.start,
-                             chunk.base + t0.end + 1))
-        if tail.tokens:
-            out.extend(flatten(tail))
-        return out
-    for t in chunk.tokens:
-        out.append(FlatToken(t.token_type, t.text, chunk.base + t.start, chunk.base + t.end + 1))
+    if tail is None:
+        return [(t.token_type, t.text, base + t.start, base + t.end + 1) for t in chunk.tokens]
+    t0 = chunk.tokens[0]
+    out = [(t0.token_type, t0.text, base + t0.start, base + t0.end + 1)]
+    if tail.tokens:
+        out.extend(flatten(tail))
     return out
 
 
