@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from pgguard.classify.gucs import guc_is_harmless
 from pgguard.config import Config
 from pgguard.proxy.cancel import LocalCancelRegistry
 from pgguard.proxy.guard import AllowAll, Guard, RefusePattern
@@ -17,7 +18,7 @@ from pgguard.proxy.server import ProxyContext, ProxyServer
 
 log = structlog.get_logger("pgguard.app")
 
-__all__ = ["run", "App", "configure_logging"]
+__all__ = ["App", "configure_logging", "run"]
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -35,28 +36,11 @@ def configure_logging(level: int = logging.INFO) -> None:
     )
 
 
-# CLASSIFICATION §4's allowlist of harmless (tx) settings, for startup parameters.
-# TODO(classifier): use the classifier's SET classification once it lands.
-_HARMLESS = frozenset("""application_name client_encoding datestyle timezone intervalstyle
-extra_float_digits statement_timeout lock_timeout idle_in_transaction_session_timeout
-idle_session_timeout client_min_messages search_path bytea_output transaction_isolation
-default_transaction_isolation transaction_read_only default_transaction_read_only
-transaction_deferrable default_transaction_deferrable work_mem temp_buffers jit plan_cache_mode
-effective_cache_size max_parallel_workers_per_gather geqo from_collapse_limit
-join_collapse_limit lc_monetary lc_numeric lc_time xmlbinary xmloption
-default_text_search_config""".split())
-
-
-def _setting_is_harmless(name: str) -> bool:
-    name = name.lower()
-    return name in _HARMLESS or name.startswith("enable_") or name.endswith("_cost")
-
-
 class App:
     def __init__(self, config: Config) -> None:
         self.config = config
         guard: Guard = RefusePattern(config.refuse_pattern) if config.refuse_pattern else AllowAll()
-        self.ctx = ProxyContext(config, guard, LocalCancelRegistry(), _setting_is_harmless)
+        self.ctx = ProxyContext(config, guard, LocalCancelRegistry(), guc_is_harmless)
         self.server = ProxyServer(self.ctx)
         self._stop = asyncio.Event()
 
@@ -85,7 +69,7 @@ class App:
         if waiting:
             _, pending = await asyncio.wait(waiting, timeout=grace)
             if pending:
-                from pgguard.proxy.session import _fatal_shutdown  # noqa: PLC0415
+                from pgguard.proxy.session import _fatal_shutdown
 
                 for s in list(self.ctx.sessions):
                     s.close(_fatal_shutdown())
@@ -95,7 +79,7 @@ class App:
 
 def _loop_factory() -> Any:
     try:
-        import uvloop  # noqa: PLC0415
+        import uvloop
     except ImportError:
         return None
     return uvloop.new_event_loop

