@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(300)
 COMPARED = ["scram", "multi", "extended_5", "extended_0", "batch", "batch_error",
             "batch_refused", "refused_in_tx", "cursor", "copy", "cancel", "tx", "notify",
             "fatal"]
-GUARDED_ONLY = ["tls_prefer", "tls_disable", "tls_require", "tls_direct", "lo"]
+GUARDED_ONLY = ["tls_prefer", "tls_disable", "tls_require", "tls_direct", "cancel_tls", "lo"]
 
 
 def run_matrix(jar: Path, t: Target, scenarios: list[str], timeout: float = 240) -> dict:
@@ -87,6 +87,8 @@ def test_tls_and_channel_binding(jdbc_results: dict, guarded: Target) -> None:
     g = jdbc_results["guarded"]
     for name in ("tls_prefer", "tls_disable", "tls_direct"):
         assert g[name].get("row") == [[42]], (name, g[name])
+    # Statement.cancel() on a TLS connection sends its CancelRequest after SSLRequest + TLS.
+    assert g["cancel_tls"] == {"got": "E:57014", "fast": True, "after": [[1]]}, g["cancel_tls"]
     # pgguard never relays SCRAM-SHA-256-PLUS: channelBinding=require fails, cleanly and fast.
     assert "error" in g["tls_require"] and g["tls_require"]["seconds"] < 8, g["tls_require"]
 

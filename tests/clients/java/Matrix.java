@@ -63,7 +63,8 @@ public class Matrix {
             case "refused_in_tx": return refusedInTx();
             case "cursor": return cursor();
             case "copy": return copy();
-            case "cancel": return cancel();
+            case "cancel": return cancel("");
+            case "cancel_tls": return cancel("sslmode=require");
             case "tx": return tx();
             case "notify": return notifyScenario();
             case "lo": return largeObject();
@@ -305,9 +306,9 @@ public class Matrix {
         return out;
     }
 
-    static Object cancel() throws Exception {
+    static Object cancel(String extra) throws Exception {
         Map<String, Object> out = new LinkedHashMap<>();
-        try (Connection c = connect(""); Statement s = c.createStatement()) {
+        try (Connection c = connect(extra); Statement s = c.createStatement()) {
             Thread t = new Thread(() -> {
                 try { Thread.sleep(500); s.cancel(); } catch (Exception ignored) { }
             });
