@@ -9,8 +9,9 @@ What happens to each message type is one table (`FrameTable`, 256 entries):
 
     SKIP     forward without a callback; may be streamed before it is complete
     INSPECT  gather the whole message, then call `on_frame(type, buf, start, end)`
-    HEAD     gather the first `head_bytes` (or the whole message if shorter), call `on_frame`
-             with that head (end = start + head length), then stream the rest
+    HEAD     gather the first `head_bytes` of the body (or the whole message if shorter), call
+             `on_frame` with that head (end = start + 5 + head length), then stream the rest
+             (or swallow it, when the message was replaced)
     INVALID  ProtocolError (frontend only: PostgreSQL ends the connection the same way)
 
 `on_frame` answers FORWARD (None), replacement bytes (sent instead of the message), or HOLD: the
@@ -26,8 +27,18 @@ from typing import Final
 
 from pgguard.errors import MessageTooLarge, ProtocolError
 
-__all__ = ["FORWARD", "HOLD", "SKIP", "INSPECT", "HEAD", "INVALID", "Framer", "FrameTable",
-           "Verdict", "frame_table"]
+__all__ = [
+    "FORWARD",
+    "HEAD",
+    "HOLD",
+    "INSPECT",
+    "INVALID",
+    "SKIP",
+    "FrameTable",
+    "Framer",
+    "Verdict",
+    "frame_table",
+]
 
 SKIP: Final = 0
 INSPECT: Final = 1
@@ -52,6 +63,9 @@ OnFrame = Callable[[int, bytes, int, int], Verdict]
 
 def frame_table(default: int, **modes: str) -> FrameTable:
     """Build a table: `frame_table(SKIP, inspect="QP", head="B")`."""
+    unknown = set(modes) - {"skip", "inspect", "head", "invalid"}
+    if unknown:  # a typo would otherwise leave those types at the default mode
+        raise TypeError(f"unknown frame_table modes: {sorted(unknown)}")
     table = bytearray([default]) * 256
     for name, mode in (("skip", SKIP), ("inspect", INSPECT), ("head", HEAD), ("invalid", INVALID)):
         for ch in modes.get(name, ""):
@@ -60,8 +74,18 @@ def frame_table(default: int, **modes: str) -> FrameTable:
 
 
 class Framer:
-    __slots__ = ("_table", "_on_frame", "_max_len", "_head_bytes", "_buf", "_need",
-                 "_stream_left", "_held", "_held_buf")
+    __slots__ = (
+        "_buf",
+        "_drop_left",
+        "_head_bytes",
+        "_held",
+        "_held_buf",
+        "_max_len",
+        "_need",
+        "_on_frame",
+        "_stream_left",
+        "_table",
+    )
 
     def __init__(self, table: FrameTable, on_frame: OnFrame, *, max_len: int = 0x7FFFFFFF,
                  head_bytes: int = 4096) -> None:
@@ -72,6 +96,7 @@ class Framer:
         self._buf = bytearray()  # an incomplete message waiting for more bytes
         self._need = 0  # how many bytes _buf must hold before it is worth scanning again
         self._stream_left = 0  # bytes of a streamed message still to pass through
+        self._drop_left = 0  # bytes of a replaced HEAD message still to swallow
         self._held = False
         self._held_buf = bytearray()
 
@@ -86,12 +111,22 @@ class Framer:
     @property
     def idle(self) -> bool:
         """True between messages: nothing partial buffered or streaming."""
-        return not self._buf and not self._stream_left and not self._held
+        return (not self._buf and not self._stream_left and not self._drop_left
+                and not self._held)
 
     def feed(self, data: bytes) -> list[bytes]:
         if self._held:
             self._held_buf += data
             return []
+        if not data:
+            return []
+        if self._drop_left:
+            n = len(data)
+            if n <= self._drop_left:
+                self._drop_left -= n
+                return []
+            data = data[self._drop_left :]
+            self._drop_left = 0
         out: list[bytes] = []
         if self._stream_left:
             n = len(data)
@@ -132,7 +167,8 @@ class Framer:
             out.append(verdict)
             if end > len(data):
                 # Swallow the rest of a replaced message that is still arriving.
-                raise ProtocolError("cannot replace a message that is still streaming")
+                self._drop_left = end - len(data)
+                return out
         self._scan(data[end:], out)
         return out
 
@@ -143,7 +179,8 @@ class Framer:
         flushed = 0  # data[flushed:pos] is forwarded unchanged, written in one slice
         while pos + 5 <= n:
             mode = table[data[pos]]
-            length = int.from_bytes(data[pos + 1 : pos + 5], "big")
+            # Int32, signed as PostgreSQL reads it: a negative length is invalid, not "large".
+            length = int.from_bytes(data[pos + 1 : pos + 5], "big", signed=True)
             if length < 4:
                 raise ProtocolError(f"invalid message length {length}")
             if length > self._max_len:
@@ -158,28 +195,18 @@ class Framer:
                 continue
             if mode == INVALID:
                 raise ProtocolError(f"invalid message type {chr(data[pos])!r}")
-            if mode == HEAD and end > n:
-                head_end = pos + 5 + self._head_bytes
-                if head_end > n:
-                    self._need = head_end - pos
-                    break  # wait for the head
-                verdict = on_frame(data[pos], data, pos, head_end)
-                if verdict is not None:
-                    if verdict is HOLD:
-                        if pos > flushed:
-                            out.append(data[flushed:pos])
-                        self._held = True
-                        self._held_buf += data[pos:]
-                        return
-                    raise ProtocolError("cannot replace a message that is still streaming")
-                self._stream_left = end - n
-                pos = n
-                break
-            if end > n:
-                self._need = end - pos
-                break  # INSPECT (or short HEAD): wait for the whole message
-            verdict = on_frame(data[pos], data, pos, end)
+            # INSPECT sees the whole message; HEAD sees at most its first head_bytes, however
+            # much of it has arrived, so the callback does not depend on how reads split.
+            seen = end if mode == INSPECT else min(end, pos + 5 + self._head_bytes)
+            if seen > n:
+                self._need = seen - pos
+                break  # wait for the whole message (INSPECT) or its head (HEAD)
+            verdict = on_frame(data[pos], data, pos, seen)
             if verdict is None:
+                if end > n:  # a HEAD message: stream the rest as it arrives
+                    self._stream_left = end - n
+                    pos = n
+                    break
                 pos = end
                 continue
             if pos > flushed:
@@ -189,6 +216,9 @@ class Framer:
                 self._held_buf += data[pos:]
                 return
             out.append(verdict)  # type: ignore[arg-type]
+            if end > n:  # a replaced HEAD message: swallow the rest as it arrives
+                self._drop_left = end - n
+                return
             pos = flushed = end
         if pos > flushed:
             out.append(data[flushed:pos])

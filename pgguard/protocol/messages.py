@@ -15,15 +15,44 @@ from dataclasses import dataclass
 from pgguard.errors import ProtocolError
 
 __all__ = [
-    "SSL_REQUEST_CODE", "GSSENC_REQUEST_CODE", "CANCEL_REQUEST_CODE", "MAX_STARTUP_PACKET",
-    "SSLRequest", "GSSENCRequest", "CancelRequest", "StartupMessage", "StartupPacket",
-    "parse_startup_packet", "startup_packet_length",
-    "parse_query", "parse_parse", "parse_bind_head", "parse_execute", "parse_named",
-    "parse_fields", "parse_parameter_status", "parse_auth_code", "parse_sasl_mechanisms",
-    "error_response", "notice_response", "ready_for_query", "backend_key_data",
-    "parameter_status", "negotiate_protocol_version", "row_description", "data_row",
-    "command_complete", "query", "parse", "execute", "sync", "authentication_sasl",
-    "cancel_request", "startup_message", "ssl_request", "terminate",
+    "CANCEL_REQUEST_CODE",
+    "GSSENC_REQUEST_CODE",
+    "MAX_STARTUP_PACKET",
+    "SSL_REQUEST_CODE",
+    "CancelRequest",
+    "GSSENCRequest",
+    "SSLRequest",
+    "StartupMessage",
+    "StartupPacket",
+    "authentication_sasl",
+    "backend_key_data",
+    "cancel_request",
+    "command_complete",
+    "data_row",
+    "error_response",
+    "execute",
+    "negotiate_protocol_version",
+    "notice_response",
+    "parameter_status",
+    "parse",
+    "parse_auth_code",
+    "parse_bind_head",
+    "parse_execute",
+    "parse_fields",
+    "parse_named",
+    "parse_parameter_status",
+    "parse_parse",
+    "parse_query",
+    "parse_sasl_mechanisms",
+    "parse_startup_packet",
+    "query",
+    "ready_for_query",
+    "row_description",
+    "ssl_request",
+    "startup_message",
+    "startup_packet_length",
+    "sync",
+    "terminate",
 ]
 
 SSL_REQUEST_CODE = 80877103
@@ -78,6 +107,8 @@ def parse_startup_packet(packet: bytes) -> StartupPacket:
     """Parse one whole startup-phase packet (length word included)."""
     if len(packet) < 8:
         raise ProtocolError("startup packet too short")
+    if startup_packet_length(packet) != len(packet):
+        raise ProtocolError("startup packet length does not match its length word")
     code = int.from_bytes(packet[4:8], "big")
     if code == SSL_REQUEST_CODE:
         if len(packet) != 8:
@@ -192,12 +223,17 @@ def parse_fields(buf: bytes, start: int, end: int) -> dict[str, str]:
         code = chr(buf[pos])
         value, pos = _cstr(buf, pos + 1, end)
         fields[code] = value.decode("utf-8", "replace")
+    if pos != end - 1:  # the list ends with one zero byte, the last of the message
+        raise ProtocolError("unterminated or trailing bytes in error/notice fields")
     return fields
 
 
 def parse_parameter_status(buf: bytes, start: int, end: int) -> tuple[str, str]:
+    """ParameterStatus ('S') → (name, value)."""
     name, pos = _cstr(buf, start + 5, end)
-    value, _ = _cstr(buf, pos, end)
+    value, pos = _cstr(buf, pos, end)
+    if pos != end:
+        raise ProtocolError("trailing bytes in ParameterStatus")
     return name.decode("utf-8", "replace"), value.decode("utf-8", "replace")
 
 
@@ -214,6 +250,8 @@ def parse_sasl_mechanisms(buf: bytes, start: int, end: int) -> list[bytes]:
     while pos < end and buf[pos] != 0:
         name, pos = _cstr(buf, pos, end)
         mechs.append(name)
+    if pos != end - 1:  # also catches a message too short for the code (pos > end)
+        raise ProtocolError("unterminated or trailing bytes in AuthenticationSASL")
     return mechs
 
 
@@ -299,8 +337,9 @@ def query(sql: str | bytes) -> bytes:
 
 def parse(name: bytes, sql: str | bytes, param_types: Sequence[int] = ()) -> bytes:
     text = sql.encode() if isinstance(sql, str) else sql
-    body = name + b"\0" + text + b"\0" + struct.pack("!h", len(param_types))
-    body += b"".join(struct.pack("!i", t) for t in param_types)
+    # Int16 count and Int32 type OIDs, both read unsigned by PostgreSQL (OIDs go up to 2^32-1).
+    body = name + b"\0" + text + b"\0" + struct.pack("!H", len(param_types))
+    body += b"".join(struct.pack("!I", t) for t in param_types)
     return _msg(b"P", body)
 
 
