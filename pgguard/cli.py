@@ -40,8 +40,8 @@ def cli() -> None:
 def run(config_file: str | None, listen: str | None, upstream: str | None,
         upstream_port: int | None) -> None:
     """Run the proxy in the foreground until SIGTERM or SIGINT."""
-    from pgguard import app  # noqa: PLC0415 - keep `pgguard --help` fast
-    from pgguard.config import find_config_file, load_config  # noqa: PLC0415
+    from pgguard import app
+    from pgguard.config import find_config_file, load_config
 
     path: Path | None
     try:
@@ -58,9 +58,9 @@ def run(config_file: str | None, listen: str | None, upstream: str | None,
 @cli.command()
 def demo() -> None:
     """Start an embedded PostgreSQL with a sample schema and pgguard in front of it."""
-    from pgguard import demo as demo_mod  # noqa: PLC0415
+    from pgguard.demo import main as demo_main
 
-    sys.exit(demo_mod.main())
+    sys.exit(demo_main())
 
 
 @cli.command()

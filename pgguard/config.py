@@ -22,10 +22,10 @@ __all__ = [
     "Config",
     "HostPort",
     "Upstream",
+    "find_config_file",
     "load_config",
     "parse_duration",
     "parse_size",
-    "find_config_file",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

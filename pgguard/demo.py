@@ -66,8 +66,8 @@ def main() -> int:
         pg.start()
         pg.psql(demo_schema(), dbname="app")
         config_path = demo_config(workdir, pg, port)
-        from pgguard.app import App, configure_logging  # noqa: PLC0415
-        from pgguard.config import load_config  # noqa: PLC0415
+        from pgguard.app import App, configure_logging
+        from pgguard.config import load_config
 
         config = load_config(config_path)
         configure_logging()
@@ -100,7 +100,7 @@ Ctrl-C stops pgguard and the database.
 
 
 async def _serve(app: object) -> int:
-    from pgguard.app import App  # noqa: PLC0415
+    from pgguard.app import App
 
     assert isinstance(app, App)
     loop = asyncio.get_running_loop()

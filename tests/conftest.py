@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from pgguard.localpg import LocalPostgres, debian_bindir, embedded_bindir
-
 from tests.proxyproc import ProxyProcess
 
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
