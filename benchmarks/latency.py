@@ -3,7 +3,8 @@
 Each target gets one connection, a warm-up, then `BENCH_LATENCY_N` sequential `fetchval('SELECT
 1')` calls (Bind/Execute/Sync of a prepared statement, asyncpg's normal path) timed one by one.
 The calls run in rounds that alternate the targets, so noise from the shared machine falls on all
-of them alike. Reported: p50, p99 and mean in µs, and what each proxy adds over direct at p50.
+of them alike. Reported: p50, p99 and mean in µs, what each proxy adds over direct at p50, and
+the proxy process's CPU time per round trip.
 
 asyncpg's statement cache stays on: pgbouncer in session mode keeps the server connection for
 the client's whole session, so named prepared statements work through it as they do direct.
@@ -45,6 +46,8 @@ async def _timed(conn: asyncpg.Connection, n: int, samples: list[int]) -> None:
 async def measure(targets: list[Target], queries: int) -> dict[str, dict[str, Any]]:
     conns: dict[str, asyncpg.Connection] = {}
     samples: dict[str, list[int]] = {t.name: [] for t in targets}
+    cpu: dict[str, float] = {t.name: 0.0 for t in targets}  # proxy CPU seconds while timed
+    by_name = {t.name: t for t in targets}
     errors: dict[str, str] = {}
     try:
         for target in targets:
@@ -58,15 +61,26 @@ async def measure(targets: list[Target], queries: int) -> dict[str, dict[str, An
             for name, conn in conns.items():
                 if name in errors:
                     continue
+                before = by_name[name].cpu_seconds()
                 try:
                     await asyncio.wait_for(_timed(conn, per_round, samples[name]), timeout=120)
+                    after = by_name[name].cpu_seconds()
+                    if before is not None and after is not None:
+                        cpu[name] += after - before
                 except Exception as exc:
                     errors[name] = f"{type(exc).__name__}: {exc}"
     finally:
         for conn in conns.values():
             conn.terminate()
-    return {t.name: _stats(samples[t.name]) if t.name not in errors else {"error": errors[t.name]}
-            for t in targets}
+    result: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        if t.name in errors:
+            result[t.name] = {"error": errors[t.name]}
+            continue
+        result[t.name] = _stats(samples[t.name])
+        if t.pid is not None and samples[t.name]:
+            result[t.name]["proxy_cpu_us"] = cpu[t.name] / len(samples[t.name]) * 1e6
+    return result
 
 
 def _stats(ns: list[int]) -> dict[str, Any]:
@@ -97,15 +111,16 @@ def run(targets: list[Target], queries: int) -> dict[str, Any]:
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"asyncpg SELECT 1 round trips, one connection, {result['queries']} per target "
              f"(client loop: {result['client_loop']}), µs",
-             f"{'target':<11}{'p50':>9}{'p99':>9}{'mean':>9}{'added p50':>11}",
-             "-" * 49]
+             f"{'target':<11}{'p50':>9}{'p99':>9}{'mean':>9}{'added p50':>11}{'proxy CPU':>11}",
+             "-" * 60]
     for name, s in result["targets"].items():
         if "error" in s:
             lines.append(f"{name:<11}  ERROR {s['error']}")
             continue
         added = s.get("added_p50_us")
         lines.append(f"{name:<11}{s['p50_us']:>9.1f}{s['p99_us']:>9.1f}{s['mean_us']:>9.1f}"
-                     f"{'' if added is None else format(added, '+.1f'):>11}")
+                     f"{'' if added is None else format(added, '+.1f'):>11}"
+                     f"{format(s['proxy_cpu_us'], '.1f') if 'proxy_cpu_us' in s else '':>11}")
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ __all__ = ["KEY_CELL", "PgbenchRun", "compare", "format_table", "initialize"]
 KEY_CELL = ("prepared", 8)  # where "pgguard >= 0.8 x pgbouncer" is measured
 _TPS = re.compile(r"^tps = ([0-9.]+) \((?:without|excluding)", re.MULTILINE)
 _LATENCY = re.compile(r"^latency average = ([0-9.]+) ms", re.MULTILINE)
+_PROCESSED = re.compile(r"^number of transactions actually processed: (\d+)", re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,8 @@ class PgbenchRun:
     tps: float | None
     latency_ms: float | None
     error: str = ""
+    transactions: int | None = None
+    proxy_cpu_us_per_txn: float | None = None  # the proxy process's CPU time per transaction
 
 
 def _pgbench() -> str:
@@ -63,17 +66,26 @@ def run_pgbench(target: Target, mode: str, clients: int, seconds: int, repeat: i
     jobs = max(1, min(clients, 2))
     argv = [_pgbench(), "-n", "-S", "-M", mode, "-c", str(clients), "-j", str(jobs),
             "-T", str(seconds), DBNAME]
+    cpu_before = target.cpu_seconds()
     try:
         out = subprocess.run(argv, env=target.libpq_env(), capture_output=True, text=True,
                              timeout=seconds + 120)
     except subprocess.TimeoutExpired:
         return PgbenchRun(target.name, mode, clients, repeat, seconds, None, None, "timed out")
+    cpu_after = target.cpu_seconds()
     tps, latency = _TPS.search(out.stdout), _LATENCY.search(out.stdout)
+    processed = _PROCESSED.search(out.stdout)
     if out.returncode != 0 or tps is None:
         error = (out.stderr.strip() or out.stdout.strip())[-300:] or f"exit {out.returncode}"
         return PgbenchRun(target.name, mode, clients, repeat, seconds, None, None, error)
+    txns = int(processed.group(1)) if processed else None
+    # CPU per transaction hardly depends on what else the machine runs, unlike TPS: the
+    # number to watch when comparing two commits of pgguard on a busy machine. It includes
+    # the connection set-up of the run (SCRAM relay), small against a run's transactions.
+    cpu = (None if cpu_before is None or cpu_after is None or not txns
+           else (cpu_after - cpu_before) / txns * 1e6)
     return PgbenchRun(target.name, mode, clients, repeat, seconds, float(tps.group(1)),
-                      float(latency.group(1)) if latency else None)
+                      float(latency.group(1)) if latency else None, "", txns, cpu)
 
 
 def compare(targets: BenchTargets, settings: BenchSettings,
@@ -104,6 +116,7 @@ def _summarize(mode: str, clients: int, seconds: int, runs: list[PgbenchRun],
                targets: BenchTargets) -> dict[str, Any]:
     median: dict[str, float | None] = {}
     latency: dict[str, float | None] = {}
+    cpu: dict[str, float | None] = {}
     errors: dict[str, str] = {}
     for target in targets.targets:
         mine = [r for r in runs if r.target == target.name]
@@ -113,10 +126,14 @@ def _summarize(mode: str, clients: int, seconds: int, runs: list[PgbenchRun],
         failed = [r.error for r in mine if r.tps is None]
         median[target.name] = statistics.median(tps) if tps and not failed else None
         latency[target.name] = statistics.median(lat) if lat and not failed else None
+        used = [r.proxy_cpu_us_per_txn for r in mine if r.proxy_cpu_us_per_txn is not None]
+        if target.pid is not None:
+            cpu[target.name] = statistics.median(used) if used and not failed else None
         if failed:
             errors[target.name] = failed[0]
     return {"mode": mode, "clients": clients, "seconds": seconds, "tps": median,
-            "latency_ms": latency, "ratios": _ratios(median), "errors": errors}
+            "latency_ms": latency, "proxy_cpu_us_per_txn": cpu, "ratios": _ratios(median),
+            "errors": errors}
 
 
 def _ratios(median: dict[str, float | None]) -> dict[str, float | None]:
@@ -146,6 +163,25 @@ def format_table(result: dict[str, Any], names: list[str], repeats: int) -> str:
         row += "".join(f"{_num(cell['tps'].get(n), '.0f'):>11}" for n in names)
         row += "".join(f"{_num(cell['ratios'].get(r), '.3f'):>19}" for r in ratio_names)
         lines.append(row)
+    proxies = [n for n in names if n != "direct"]
+    if proxies:
+        lines += ["", "proxy process CPU time per transaction, µs (median runs; load-independent)",
+                  f"{'mode':<9}{'clients':>8}" + "".join(f"{n:>11}" for n in proxies)]
+        for cell in result["cells"]:
+            lines.append(f"{cell['mode']:<9}{cell['clients']:>8}" + "".join(
+                f"{_num(cell['proxy_cpu_us_per_txn'].get(n), '.1f'):>11}" for n in proxies))
+    ones = [c for c in result["cells"] if c["clients"] == 1]
+    if ones and len(names) > 1:
+        lines += ["", "pgbench -S, 1 client: average latency added over direct, µs (median runs)",
+                  f"{'mode':<9}" + "".join(f"{n:>11}" for n in names[1:])]
+        for cell in ones:
+            base = cell["latency_ms"].get("direct")
+            row = f"{cell['mode']:<9}"
+            for n in names[1:]:
+                ms = cell["latency_ms"].get(n)
+                added = None if ms is None or base is None else (ms - base) * 1000
+                row += f"{_num(added, '+.1f'):>11}"
+            lines.append(row)
     for cell in result["cells"]:
         for name, error in cell["errors"].items():
             lines.append(f"  ! -M {cell['mode']} -c {cell['clients']} {name}: {error}")

@@ -33,6 +33,7 @@ __all__ = ["BenchSettings", "BenchTargets", "Target"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 USER, PASSWORD, DBNAME = "app", "secret", "app"
 ALL_TARGETS = ("direct", "pgbouncer", "pgguard", "relay")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _env_list(name: str, default: str) -> tuple[str, ...]:
@@ -86,6 +87,19 @@ class Target:
     name: str
     host: str
     port: int
+    pid: int | None = None  # the proxy's process, whose CPU time is measured; None for direct
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time the proxy process has used so far (/proc/PID/stat)."""
+        if self.pid is None:
+            return None
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
+            return None
+        # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
     def libpq_env(self) -> dict[str, str]:
         """Environment for libpq tools (pgbench, psql): no TLS, no GSS, on every target alike."""
@@ -334,7 +348,7 @@ class BenchTargets:
                 stdin=subprocess.DEVNULL, cwd=home, start_new_session=True, **kwargs)
         self._children.append(proc)
         _wait_listening(port, proc, 20, home / "pgbouncer.log")
-        return Target("pgbouncer", "127.0.0.1", port)
+        return Target("pgbouncer", "127.0.0.1", port, proc.pid)
 
     def _start_python_proxy(self, name: str, argv: list[str]) -> Target:
         assert self.pg is not None
@@ -353,7 +367,7 @@ class BenchTargets:
                                     start_new_session=True)
         self._children.append(proc)
         _wait_listening(port, proc, 30, log)
-        return Target(name, "127.0.0.1", port)
+        return Target(name, "127.0.0.1", port, proc.pid)
 
     def _start_pgguard(self) -> Target:
         argv = [sys.executable, "-m", "pgguard", "run"]
