@@ -64,3 +64,8 @@ class UpstreamError(PgGuardError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class StateUnavailable(PgGuardError):
+    """The state store (enrollments, counters, grants) cannot be reached or read: sensitive
+    statements are refused (ERROR 58000), reads allowed by policy keep working."""

@@ -1,7 +1,8 @@
 """The question the relay asks at each Query and first Execute: forward, refuse or hold?
 
 The relay (session.py) owns *how* a statement is refused or held (DESIGN §3: poison recipe,
-hold queue); a `Guard` only decides *whether*. The policy issue plugs its decision in here.
+hold queue); a `Guard` only decides *whether*. `app.py` plugs the policy in (PolicyGuard);
+`RefusePattern` is the test hook of `debug.refuse_pattern`.
 """
 
 from __future__ import annotations
@@ -10,24 +11,24 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
+from pgguard.classify import Classification
 from pgguard.errors import SqlState
 
-__all__ = ["Allow", "AllowAll", "Guard", "Refuse", "RefusePattern", "StatementInfo", "Verdict"]
+__all__ = ["ALLOW", "Allow", "AllowAll", "Guard", "NeedStepUp", "Refuse", "RefusePattern",
+           "SessionView", "Verdict"]
 
 
-@dataclass(frozen=True, slots=True)
-class StatementInfo:
-    """What the relay knows of a statement when it asks: its text (decoded in the client
-    encoding; None when it could not be decoded) and the message it came in."""
+class SessionView(Protocol):
+    """What a guard may know of the session asking."""
 
-    sql: str | None
-    message: str  # "query" | "execute"
-    statement_name: str | None = None
+    id: str
+    user: str
+    client_addr: str
 
 
 @dataclass(frozen=True, slots=True)
 class Allow:
-    pass
+    rule: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,29 +37,45 @@ class Refuse:
     message: str
     detail: str | None = None
     hint: str | None = None
+    rule: str | None = None
 
 
-Verdict = Allow | Refuse
+@dataclass(frozen=True, slots=True)
+class NeedStepUp:
+    """Hold the statement until the session steps up. `classes` are the class names that need
+    it; `triggers` says what triggered each (`pii: public.users.email; write: public.orders`)."""
+
+    classes: tuple[str, ...]
+    triggers: str
+    rule: str | None = None
+
+
+Verdict = Allow | Refuse | NeedStepUp
 
 ALLOW = Allow()
 
 
 class Guard(Protocol):
-    def check(self, user: str, info: StatementInfo) -> Verdict: ...
+    def check(self, session: SessionView, classification: Classification,
+              sql: str | None) -> Verdict: ...
 
 
 class AllowAll:
-    def check(self, user: str, info: StatementInfo) -> Verdict:
+    def check(self, session: SessionView, classification: Classification,
+              sql: str | None) -> Verdict:
         return ALLOW
 
 
 class RefusePattern:
-    """Test hook (config `debug.refuse_pattern`): refuse statements whose text matches."""
+    """Test hook (config `debug.refuse_pattern`): refuse statements whose text matches, wrapped
+    around another guard."""
 
-    def __init__(self, pattern: str) -> None:
+    def __init__(self, pattern: str, inner: Guard | None = None) -> None:
         self._re = re.compile(pattern)
+        self._inner = inner or AllowAll()
 
-    def check(self, user: str, info: StatementInfo) -> Verdict:
-        if info.sql is None or self._re.search(info.sql):
+    def check(self, session: SessionView, classification: Classification,
+              sql: str | None) -> Verdict:
+        if sql is None or self._re.search(sql):
             return Refuse(SqlState.INSUFFICIENT_PRIVILEGE, "pgguard: statement rejected by policy")
-        return ALLOW
+        return self._inner.check(session, classification, sql)

@@ -15,16 +15,18 @@ import contextlib
 import socket
 import ssl
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
 
+from pgguard.classify import Classification, ClassificationCache, PiiRules, SessionFacts
 from pgguard.config import Config
 from pgguard.errors import SqlState, UpstreamError
 from pgguard.protocol import messages as m
 from pgguard.proxy.cancel import CancelRegistry
 from pgguard.proxy.guard import Guard
+from pgguard.proxy.holds import HoldRegistry
 from pgguard.proxy.session import Session
 
 log = structlog.get_logger("pgguard.server")
@@ -52,18 +54,35 @@ def upstream_ssl_context(mode: str, ca: str | None) -> ssl.SSLContext:
     return ctx
 
 
+async def _not_enrolled(user: str) -> bool:
+    return False
+
+
 class ProxyContext:
     """What every session shares: configuration, the guard, the cancel registry, the upstream
     connector. Cross-session state lives behind interfaces (CancelRegistry, later the store)."""
 
     def __init__(self, config: Config, guard: Guard, cancels: CancelRegistry,
-                 setting_is_harmless: Callable[[str], bool]) -> None:
+                 setting_is_harmless: Callable[[str], bool],
+                 classifier: ClassificationCache | None = None,
+                 holds: HoldRegistry | None = None) -> None:
         self.config = config
         self.guard = guard
         self.cancels = cancels
         self.setting_is_harmless = setting_is_harmless
+        self.classifier = classifier or ClassificationCache(
+            PiiRules.from_config(config.pii), max_sql_bytes=config.limits.max_sql_bytes)
+        self.holds = holds or HoldRegistry()
+        self.hold_timeout = 120.0
         self.sessions: set[Session] = set()
         self.on_upstream_error: Callable[[str], None] = lambda kind: None
+        # Set by app.py: step-up state (fails closed by raising StateUnavailable), the step-up
+        # page URL, the SHOW pgguard.status text, and the decision observer (audit, metrics).
+        self.is_enrolled: Callable[[str], Awaitable[bool]] = _not_enrolled
+        self.stepup_url: Callable[[str], str] = lambda sid: f"http://127.0.0.1:9433/stepup/{sid}"
+        self.status_text: Callable[[Session], str] = lambda s: f"user {s.user}"
+        self.on_statement: Callable[[Session, Classification, str, str | None], None] = (
+            lambda session, c, decision, rule: None)
         self._upstream_ssl = (upstream_ssl_context(config.upstream_tls.mode, config.upstream_tls.ca)
                               if config.upstream_tls.mode != "disable" else None)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -82,6 +101,13 @@ class ProxyContext:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- session bookkeeping --------------------------------------------------------------------
+
+    def classify(self, sql: str, facts: SessionFacts, parse_message: bool) -> Classification:
+        return self.classifier.classify(sql, facts, parse_message=parse_message)
+
+    def statement_decided(self, session: Session, c: Classification, decision: str,
+                          rule: str | None) -> None:
+        self.on_statement(session, c, decision, rule)
 
     def session_ready(self, session: Session) -> None:
         pass

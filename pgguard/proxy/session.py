@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import string
 from collections import deque
@@ -26,10 +27,22 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from pgguard.errors import ClientRefused, ProtocolError, SqlState, UpstreamError
+from pgguard.classify import Classification, SessionFacts, StatementClass
+from pgguard.errors import ClientRefused, ProtocolError, SqlState, StateUnavailable, UpstreamError
 from pgguard.protocol import messages as m
-from pgguard.protocol.framing import FORWARD, INSPECT, INVALID, Framer, frame_table
-from pgguard.proxy.guard import Refuse, StatementInfo
+from pgguard.protocol.framing import (
+    FORWARD,
+    HOLD,
+    INSPECT,
+    INVALID,
+    Framer,
+    frame_table,
+)
+from pgguard.protocol.framing import (
+    Verdict as FrameVerdict,
+)
+from pgguard.proxy.guard import NeedStepUp, Refuse
+from pgguard.proxy.holds import HoldOutcome, hold_hint
 from pgguard.proxy.startup import check_startup
 
 if TYPE_CHECKING:
@@ -61,6 +74,20 @@ ENCODINGS = {
 }
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
+
+# While a statement is held, the client's later messages wait in the framer; past this many
+# bytes we stop reading the client socket (DESIGN §3: bounded hold queue).
+HOLD_BACKLOG_BYTES = 1 << 20
+
+# `SHOW pgguard.session_id` / `SHOW pgguard.status`, answered in-band by substitution.
+_SHOW_PGGUARD = re.compile(rb"\A\s*show\s+pgguard\.(session_id|status)\s*;?\s*\Z", re.I)
+
+_UNKNOWN_STATEMENT = Classification(
+    classes=frozenset({StatementClass.UNKNOWN}), statements=(),
+    reason="Bind names a prepared statement pgguard has not seen")
+_UNDECODABLE = Classification(
+    classes=frozenset({StatementClass.UNKNOWN}), statements=(),
+    redacted_sql="<undecodable>", reason="the statement is not valid in the client encoding")
 
 
 def new_session_id() -> str:
@@ -132,8 +159,13 @@ class Session:
         self._params: dict[str, str] = {}
         self._encoding = "utf-8"
         self._fifo: deque[int | _Marked] = deque()
-        self._statements: dict[bytes, bytes] = {}  # prepared statement name → SQL bytes
+        # prepared statement name → (SQL text or None, its classification)
+        self._statements: dict[bytes, tuple[str | None, Classification]] = {}
         self._portals: dict[bytes, list[Any]] = {}  # portal → [statement name, executed?]
+        self._facts = SessionFacts()
+        # The statement being held: (FIFO kind, classification, verdict); its hold task.
+        self._held: tuple[int, Classification, NeedStepUp] | None = None
+        self._hold_task: asyncio.Task[None] | None = None
         self._client_copy_open = False
         self._paused = [0, 0]  # read-pause reasons, [client, server] (bit 1: peer buffer full)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -175,6 +207,8 @@ class Session:
             self.server.close()
         if self._our_pid is not None:
             self.ctx.cancels.release(self._our_pid)
+        self.ctx.holds.end(self.id, HoldOutcome.SHUTDOWN if self._shutting_down
+                           else HoldOutcome.DISCONNECT)
         for t in self._tasks:
             t.cancel()
         if not self.done.done():
@@ -196,7 +230,7 @@ class Session:
 
     def _idle(self) -> bool:
         return (self.state == READY and not self._fifo and self.txn_status == b"I"
-                and self._cframer.idle)
+                and self._cframer.idle and self._held is None)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -225,6 +259,8 @@ class Session:
                 out = self._cframer.feed(data)
                 if out and self.server is not None:
                     self.server.writelines(out)
+                if self._cframer.holding:
+                    self._holding()
             elif self.state == STARTUP:
                 self._startup_data(data)
             else:  # CONNECTING: keep until the upstream is there
@@ -299,19 +335,28 @@ class Session:
 
     # -- client frames (framer callback) ------------------------------------------------------
 
-    def _on_client_frame(self, typ: int, buf: bytes, start: int, end: int) -> bytes | None:
+    def _on_client_frame(self, typ: int, buf: bytes, start: int, end: int) -> FrameVerdict:
         fifo = self._fifo
         if typ == 0x51:  # Query
             sql = m.parse_query(buf, start, end)
-            refusal = self._decide(sql, "query", None)
-            if refusal is not None:
-                fifo.append(_Marked(K_QUERY, refusal))
-                return m.query(POISON_SQL)
-            fifo.append(K_QUERY)
+            if _SHOW_PGGUARD.match(sql):
+                fifo.append(K_QUERY)
+                return m.query(self._show_substitute(sql))
+            text = self._decode(sql)
+            c = self._classify(text, False)
+            return self._decide(K_QUERY, c, text)
         elif typ == 0x50:  # Parse
             name, sql = m.parse_parse(buf, start, end)
-            self._statements[name] = sql
             fifo.append(K_PARSE)
+            if _SHOW_PGGUARD.match(sql):
+                sub = self._show_substitute(sql)
+                self._statements[name] = (sub.decode(), self._classify(sub.decode(), True))
+                return m.parse(name, sub)
+            text = self._decode(sql)
+            c = self._classify(text, True)
+            self._statements[name] = (text, c)
+            if name:
+                self._facts.record_prepared(name.decode("utf-8", "replace"), c.classes)
         elif typ == 0x42:  # Bind (head)
             portal, stmt = m.parse_bind_head(buf, start, end)
             self._portals[portal] = [stmt, False]
@@ -321,12 +366,10 @@ class Session:
             entry = self._portals.get(portal)
             if entry is not None and not entry[1]:
                 entry[1] = True  # later Executes of a running portal continue
-                stmt_sql = self._statements.get(entry[0])
-                if stmt_sql is not None:
-                    refusal = self._decide(stmt_sql, "execute", entry[0])
-                    if refusal is not None:
-                        fifo.append(_Marked(K_EXEC, refusal))
-                        return m.execute(POISON_PORTAL)
+                prepared = self._statements.get(entry[0])
+                if prepared is None:  # a statement of SQL PREPARE, or one we never saw
+                    prepared = (None, self._sql_prepared(entry[0]))
+                return self._decide(K_EXEC, prepared[1], prepared[0])
             fifo.append(K_EXEC)
         elif typ == 0x53:  # Sync
             if not self._client_copy_open:  # the server ignores Sync during COPY FROM STDIN
@@ -338,6 +381,7 @@ class Session:
             kind, name = m.parse_named(buf, start, end)
             if kind == 0x53:
                 self._statements.pop(name, None)
+                self._facts.forget_prepared(name.decode("utf-8", "replace"))
             else:
                 self._portals.pop(name, None)
             fifo.append(K_CLOSE)
@@ -352,18 +396,117 @@ class Session:
             self._shutting_down = True
         return FORWARD
 
-    def _decide(self, sql: bytes, message: str, stmt: bytes | None) -> bytes | None:
-        """Ask the guard; an ErrorResponse to substitute when refused, else None."""
+    def _decode(self, sql: bytes) -> str | None:
         try:
-            text: str | None = sql.decode(self._encoding)
+            return sql.decode(self._encoding)
         except (UnicodeDecodeError, LookupError):
-            text = None
-        info = StatementInfo(text, message, stmt.decode("utf-8", "replace") if stmt else None)
-        verdict = self.ctx.guard.check(self.user, info)
+            return None
+
+    def _classify(self, text: str | None, parse_message: bool) -> Classification:
+        if text is None:
+            return _UNDECODABLE
+        return self.ctx.classify(text, self._facts, parse_message)
+
+    def _decide(self, kind: int, c: Classification, text: str | None) -> FrameVerdict:
+        """Ask the guard at a Query or a portal's first Execute; returns the framer verdict."""
+        verdict = self.ctx.guard.check(self, c, text)
         if isinstance(verdict, Refuse):
-            return m.error_response(verdict.sqlstate, verdict.message, detail=verdict.detail,
-                                    hint=verdict.hint)
-        return None
+            self.ctx.statement_decided(self, c, "denied", verdict.rule)
+            self._fifo.append(_Marked(kind, m.error_response(
+                verdict.sqlstate, verdict.message, detail=verdict.detail, hint=verdict.hint)))
+            return _poison(kind)
+        if isinstance(verdict, NeedStepUp):
+            self._held = (kind, c, verdict)
+            return HOLD
+        self.ctx.statement_decided(self, c, "allowed", verdict.rule)
+        self._fifo.append(kind)
+        if c.session_changes:
+            self._facts.apply(c.session_changes)
+        return FORWARD
+
+    def _sql_prepared(self, name: bytes) -> Classification:
+        classes = self._facts.prepared.get(name.decode("utf-8", "replace"))
+        if classes is None:
+            return _UNKNOWN_STATEMENT
+        return Classification(classes=classes, statements=())
+
+    def _show_substitute(self, sql: bytes) -> bytes:
+        """`SHOW pgguard.x` → a SELECT of a literal the server executes (DESIGN §3)."""
+        match = _SHOW_PGGUARD.match(sql)
+        assert match is not None
+        what = match.group(1).decode().lower()
+        value = self.id if what == "session_id" else self.ctx.status_text(self)
+        literal = value.replace("'", "''")
+        return f"SELECT '{literal}'::text AS \"pgguard.{what}\"".encode()
+
+    # -- holds ----------------------------------------------------------------------------------
+
+    def _holding(self) -> None:
+        """The client framer stopped at a statement that needs step-up (or its backlog grew)."""
+        self.set_read_pause(True, 2, self._cframer.backlog_size > HOLD_BACKLOG_BYTES)
+        if self._hold_task is None and self._held is not None:
+            self._hold_task = asyncio.get_running_loop().create_task(self._run_hold())
+            self._tasks.add(self._hold_task)
+
+    async def _run_hold(self) -> None:
+        assert self._held is not None
+        kind, c, need = self._held
+        ctx = self.ctx
+        error: bytes | None = None
+        outcome = HoldOutcome.RELEASED
+        try:
+            enrolled = await ctx.is_enrolled(self.user)
+        except StateUnavailable:
+            enrolled = None
+            error = m.error_response(
+                SqlState.IO_ERROR, "pgguard: cannot verify step-up state; sensitive statement refused")
+        if enrolled is False:
+            error = m.error_response(
+                SqlState.INSUFFICIENT_PRIVILEGE,
+                f"pgguard: step-up required but {self.user} has no authenticator",
+                hint=f"an administrator can run: pgguard enroll {self.user}")
+        if error is None and self.state == READY:
+            url = ctx.stepup_url(self.id)
+            hold = ctx.holds.open(self.id, self.user, self.client_addr, need.classes, need.triggers)
+            timeout = ctx.hold_timeout
+            if self.client is not None:
+                self.client.write(m.notice_response(
+                    SqlState.WARNING,
+                    f"pgguard: statement held: step-up required ({need.triggers})",
+                    detail=f"session {self.id}, user {self.user}, waiting up to {timeout:g} s",
+                    hint=hold_hint(self.id, url)))
+            ctx.statement_decided(self, c, "held", need.rule)
+            outcome = await ctx.holds.wait(hold, timeout)
+            if outcome is HoldOutcome.TIMEOUT:
+                error = m.error_response(
+                    SqlState.INSUFFICIENT_PRIVILEGE,
+                    f"pgguard: step-up required; hold timed out after {timeout:g} s",
+                    hint=hold_hint(self.id, url))
+            elif outcome is HoldOutcome.CANCEL:
+                error = m.error_response(SqlState.QUERY_CANCELED,
+                                         "canceling statement due to user request")
+            elif outcome is not HoldOutcome.RELEASED:
+                return  # the session is ending
+            ctx.statement_decided(self, c, _OUTCOME_DECISION[outcome], need.rule)
+        elif error is not None:
+            ctx.statement_decided(self, c, "denied", need.rule)
+        if self.state != READY:
+            return
+        self._held = None
+        self._hold_task = None
+        if error is None:
+            self._fifo.append(kind)
+            if c.session_changes:
+                self._facts.apply(c.session_changes)
+            out = self._cframer.resume(None)
+        else:
+            self._fifo.append(_Marked(kind, error))
+            out = self._cframer.resume(_poison(kind))
+        if out and self.server is not None:
+            self.server.writelines(out)
+        self.set_read_pause(True, 2, False)
+        if self._cframer.holding:
+            self._holding()
 
     # -- server bytes -------------------------------------------------------------------------
 
@@ -511,6 +654,8 @@ class Session:
         self._params[name] = value
         if name == "client_encoding":
             self._encoding = ENCODINGS.get(value.upper(), "unknown")
+        elif name == "standard_conforming_strings":
+            self._facts.standard_conforming_strings = value == "on"
 
     def _shutdown_if_idle(self) -> None:
         if self.state != CLOSED and self._idle():
@@ -519,7 +664,10 @@ class Session:
     # -- cancel ---------------------------------------------------------------------------------
 
     def cancel_requested(self) -> None:
-        """A CancelRequest with our key arrived: forward it only while something is in flight."""
+        """A CancelRequest with our key arrived: it cancels a held statement, or is forwarded
+        upstream while something is in flight."""
+        if self.ctx.holds.end(self.id, HoldOutcome.CANCEL):
+            return
         if self.state != READY or not self._fifo or self._real_key is None:
             return
         pid, secret = self._real_key
@@ -528,6 +676,15 @@ class Session:
     @property
     def parameters(self) -> dict[str, str]:
         return self._params
+
+
+_OUTCOME_DECISION = {HoldOutcome.RELEASED: "released", HoldOutcome.TIMEOUT: "timed_out",
+                     HoldOutcome.CANCEL: "canceled"}
+
+
+def _poison(kind: int) -> bytes:
+    """A message sure to fail at the same pipeline position (PROTOCOL §3)."""
+    return m.query(POISON_SQL) if kind == K_QUERY else m.execute(POISON_PORTAL)
 
 
 def _fatal_shutdown() -> bytes:
