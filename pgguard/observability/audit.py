@@ -1,0 +1,663 @@
+"""The audit trail (DESIGN §7): one JSON line per event, hash-chained, written off the hot path.
+
+Each line is an object with `id` (monotonic across restarts and rotations), `ts` (RFC 3339 UTC,
+microseconds, `Z`), `event`, the event's fields (`session`, `user`, `client_addr` where they
+apply), `prev` and `hash`:
+
+    hash = sha256(canonical_json(event without "hash")).hexdigest()
+    canonical_json = json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                                ensure_ascii=False).encode("utf-8")
+
+`prev` is the previous event's `hash`, 64 zeros (`GENESIS`) for the first event ever. After a
+restart the chain continues from the last line of the existing file (or, if that file is empty,
+the newest rotated one); a rotated file's first `prev` is the last hash of the file before it.
+
+How the hot path uses it:
+
+    sink = AuditSink(AuditConfig.from_mapping(config.raw.get("audit") or {}, base_dir),
+                     on_error=metrics.audit_errors.inc)
+    sink.start()                               # the writer thread
+    sink.emit(SESSION_START, session=sid, user="alice", client_addr="10.0.0.7:51234")
+    sink.emit(STATEMENT, session=sid, user="alice", classification=c, sql=text,
+              decision="allowed", rule="oncall", duration=0.0012)
+    if not sink.healthy: refuse sensitive statements (58000, DESIGN §3)
+    await sink.close()
+
+`emit()` only stamps the time and puts the event on a queue (no I/O, no JSON, no hashing); one
+writer thread drains the queue in batches, chains, writes, fsyncs (`every` batch, or at most
+every `fsync_interval` seconds) and rotates. A write error marks the sink unhealthy, counts the
+error (`on_error`: the `pgguard_audit_errors_total` counter), keeps the batch, and retries; the
+sink is healthy again once a write succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import enum
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "AUDIT_GAP",
+    "ENROLL",
+    "EVENTS",
+    "FORBIDDEN_FIELDS",
+    "GENESIS",
+    "HOLD_END",
+    "HOLD_END_REASONS",
+    "HOLD_START",
+    "POLICY_RELOAD",
+    "SESSION_END",
+    "SESSION_START",
+    "STATEMENT",
+    "STEPUP_CHALLENGE",
+    "STEPUP_FAILURE",
+    "STEPUP_FAILURE_REASONS",
+    "STEPUP_SUCCESS",
+    "AuditConfig",
+    "AuditError",
+    "AuditSink",
+    "canonical_json",
+    "chain_hash",
+    "format_ts",
+    "last_event",
+    "rotated_files",
+]
+
+log = logging.getLogger(__name__)
+
+# -- event names (DESIGN §7) --------------------------------------------------------------------
+
+SESSION_START = "session.start"
+SESSION_END = "session.end"
+STATEMENT = "statement"
+HOLD_START = "hold.start"
+HOLD_END = "hold.end"
+STEPUP_CHALLENGE = "stepup.challenge"
+STEPUP_SUCCESS = "stepup.success"
+STEPUP_FAILURE = "stepup.failure"
+ENROLL = "enroll"
+POLICY_RELOAD = "policy.reload"
+# Written by the sink itself after events had to be dropped (queue overflow): the record says so.
+AUDIT_GAP = "audit.gap"
+
+EVENTS: frozenset[str] = frozenset({
+    SESSION_START, SESSION_END, STATEMENT, HOLD_START, HOLD_END, STEPUP_CHALLENGE,
+    STEPUP_SUCCESS, STEPUP_FAILURE, ENROLL, POLICY_RELOAD, AUDIT_GAP})
+
+# `hold.end` field `reason`, `stepup.failure` field `reason`.
+HOLD_END_REASONS = ("released", "timeout", "cancel", "disconnect", "shutdown")
+STEPUP_FAILURE_REASONS = ("bad_code", "replay", "locked", "unknown_session", "not_enrolled")
+
+# Field names that must never reach the trail (OTP codes, secrets, passwords, bind values):
+# emit() refuses them outright so a wiring mistake fails loudly in tests, not silently in logs.
+FORBIDDEN_FIELDS: frozenset[str] = frozenset({
+    "code", "otp", "totp", "secret", "password", "passwd", "token", "key", "binds", "bind",
+    "params", "parameters", "bind_values"})
+
+GENESIS = "0" * 64
+
+_FSYNC_MODES = ("every", "interval")
+
+
+class AuditError(Exception):
+    """The trail cannot be opened or continued (e.g. its last line is not an audit event)."""
+
+
+# -- the chain ------------------------------------------------------------------------------------
+
+
+def canonical_json(event: Mapping[str, Any]) -> bytes:
+    """The bytes that are hashed: sorted keys, no spaces, UTF-8 (not ASCII-escaped)."""
+    return json.dumps(event, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode("utf-8")
+
+
+def chain_hash(event: Mapping[str, Any]) -> str:
+    """sha256 hex of the canonical JSON of `event` without its `hash` key."""
+    body = {k: v for k, v in event.items() if k != "hash"}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def format_ts(epoch: float) -> str:
+    """RFC 3339, UTC, microseconds: `2025-01-31T12:00:00.123456Z`."""
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """The `audit:` section of pgguard.yaml (DESIGN §5). `path=None` writes no file."""
+
+    path: Path | None = None
+    include_literals: bool = False
+    fsync: str = "interval"          # every | interval
+    fsync_interval: float = 1.0      # seconds, for fsync: interval
+    rotate_bytes: int = 256 << 20    # 0: never rotate
+    stdout: bool = False             # also write each line to stdout (containers)
+    max_pending: int = 100_000       # queued events beyond this are dropped (and say so)
+    retry_interval: float = 0.5      # seconds between write attempts while unhealthy
+
+    def __post_init__(self) -> None:
+        if self.fsync not in _FSYNC_MODES:
+            raise ValueError(f"audit.fsync must be every or interval, not {self.fsync!r}")
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], base_dir: Path | None = None) -> AuditConfig:
+        """Build from the YAML mapping; `path` relative to `base_dir` (the config's folder).
+        Sizes and durations accept the config syntax (`256MiB`, `1s`)."""
+        from pgguard.config import parse_duration, parse_size
+
+        known = {"path", "include_literals", "fsync", "fsync_interval", "rotate_bytes", "stdout",
+                 "max_pending", "retry_interval"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown key audit.{unknown[0]}")
+        path: Path | None = None
+        if raw.get("path"):
+            path = Path(str(raw["path"]))
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+        kwargs: dict[str, Any] = {"path": path}
+        if "include_literals" in raw:
+            kwargs["include_literals"] = bool(raw["include_literals"])
+        if "fsync" in raw:
+            kwargs["fsync"] = str(raw["fsync"])
+        if "fsync_interval" in raw:
+            kwargs["fsync_interval"] = parse_duration(raw["fsync_interval"])
+        if "rotate_bytes" in raw:
+            kwargs["rotate_bytes"] = parse_size(raw["rotate_bytes"])
+        if "stdout" in raw:
+            kwargs["stdout"] = bool(raw["stdout"])
+        if "max_pending" in raw:
+            kwargs["max_pending"] = int(raw["max_pending"])
+        if "retry_interval" in raw:
+            kwargs["retry_interval"] = parse_duration(raw["retry_interval"])
+        return cls(**kwargs)
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+_ROTATED_SUFFIX = re.compile(r"^\.(\d{8}T\d{12}Z)(?:\.(\d+))?$")
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """The rotated siblings of `path` (`audit.jsonl.20250131T120000123456Z`), oldest first."""
+    if not path.parent.is_dir():
+        return []
+    found: list[tuple[str, int, Path]] = []
+    for p in path.parent.iterdir():
+        if p.name.startswith(path.name) and p != path:
+            m = _ROTATED_SUFFIX.match(p.name[len(path.name):])
+            if m:
+                found.append((m.group(1), int(m.group(2) or 0), p))
+    return [p for _, _, p in sorted(found)]
+
+
+def _last_line(path: Path) -> bytes | None:
+    """The last complete line of a regular file (None if empty, missing or not a file)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        return None
+    with path.open("rb") as f:
+        end = st.st_size
+        chunk = 1 << 16
+        buf = b""
+        pos = end
+        while pos > 0:
+            step = min(chunk, pos)
+            pos -= step
+            f.seek(pos)
+            buf = f.read(step) + buf
+            stripped = buf.rstrip(b"\n")
+            nl = stripped.rfind(b"\n")
+            if nl >= 0:
+                return stripped[nl + 1:]
+        stripped = buf.rstrip(b"\n")
+        return stripped or None
+
+
+def last_event(path: Path) -> dict[str, Any] | None:
+    """The last event of the trail at `path` (or of its newest rotated file if `path` is empty)."""
+    for candidate in [path, *reversed(rotated_files(path))]:
+        line = _last_line(candidate)
+        if line is None:
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError as exc:
+            raise AuditError(f"{candidate}: the last line is not JSON; cannot continue the "
+                             f"chain (run pgguard audit verify)") from exc
+        if not isinstance(event, dict) or not isinstance(event.get("hash"), str) \
+                or not isinstance(event.get("id"), int):
+            raise AuditError(f"{candidate}: the last line is not an audit event; cannot "
+                             f"continue the chain (run pgguard audit verify)")
+        return event
+    return None
+
+
+def _truncate_partial_line(path: Path) -> None:
+    """A crash or a full disk can leave half a line at the end: it was never acknowledged, and
+    it would break the chain, so cut it off before appending."""
+    try:
+        st = path.stat()
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        return
+    with path.open("rb+") as f:
+        f.seek(st.st_size - 1)
+        if f.read(1) == b"\n":
+            return
+        pos = st.st_size
+        while pos > 0:
+            step = min(1 << 16, pos)
+            pos -= step
+            f.seek(pos)
+            nl = f.read(step).rfind(b"\n")
+            if nl >= 0:
+                f.truncate(pos + nl + 1)
+                return
+        f.truncate(0)
+
+
+# -- values --------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """Sets become sorted lists, enums their values, tuples lists, times RFC 3339."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, enum.Enum):
+        return _jsonable(value.value)
+    if isinstance(value, frozenset | set):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, dt.datetime):
+        return format_ts(value.timestamp())
+    return str(value)
+
+
+def _statement_fields(fields: dict[str, Any], include_literals: bool) -> None:
+    """Expand `classification=` into the statement event's fields (in the writer thread), and
+    keep the raw `sql` only with include_literals."""
+    c = fields.pop("classification", None)
+    sql = fields.pop("sql", None)
+    if c is not None:
+        fields.setdefault("classes", sorted(x.value for x in c.classes))
+        fields.setdefault("tables", list(c.tables))
+        fields.setdefault("pii_columns", list(c.pii_columns))
+        fields.setdefault("fingerprint", c.fingerprint)
+        fields.setdefault("redacted_sql", c.redacted_sql)
+        if c.reason is not None:
+            fields.setdefault("reason", c.reason)
+    if include_literals and sql is not None:
+        fields["sql"] = sql
+
+
+# -- the sink ------------------------------------------------------------------------------------
+
+
+class _Barrier:
+    """Queued by flush(): fires once everything queued before it was written (or failed)."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[bool], object]) -> None:
+        self.callback = callback
+
+
+_STOP = object()
+
+
+class AuditSink:
+    """Hash-chained JSON-lines audit trail written by one background thread.
+
+    Thread-safety: `emit()` may be called from any thread; everything else from the owner.
+    """
+
+    def __init__(self, config: AuditConfig, *, on_error: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.time,
+                 stdout: IO[str] | None = None) -> None:
+        self.config = config
+        self._on_error = on_error
+        self._clock = clock
+        self._stdout = stdout if stdout is not None else (sys.stdout if config.stdout else None)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Each counter has one writing thread: emit() bumps _dropped_total, the writer the rest.
+        self._held = 0             # events the writer holds (retrying), not in the queue
+        self._dropped_total = 0    # events refused because the backlog was full
+        self._dropped_written = 0  # ... of which an audit.gap event has told the record
+        self._healthy = True
+        self._errors = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._file: IO[bytes] | None = None
+        self._last_id = 0
+        self._last_hash = GENESIS
+        self._last_fsync = 0.0
+        self._dirty = False
+        self._needs_reopen = True
+        self.last_error: str | None = None
+
+    # -- public state ---------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """False while the trail cannot be written: refuse sensitive statements (58000)."""
+        return self._healthy
+
+    @property
+    def errors(self) -> int:
+        """Write errors so far (each also reported to `on_error`)."""
+        return self._errors
+
+    @property
+    def include_literals(self) -> bool:
+        return self.config.include_literals
+
+    @property
+    def last_hash(self) -> str:
+        """The hash of the last event written (GENESIS before the first)."""
+        return self._last_hash
+
+    @property
+    def last_id(self) -> int:
+        return self._last_id
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Find where the chain stands, open the file and start the writer thread. Raises
+        AuditError if the existing trail's last line cannot be continued; an unwritable path
+        only makes the sink unhealthy (the writer keeps retrying)."""
+        if self._thread is not None:
+            return
+        if self.config.path is not None:
+            try:
+                self._open()
+            except OSError as exc:
+                self._failed(exc)
+        self._thread = threading.Thread(target=self._run, name="pgguard-audit", daemon=True)
+        self._thread.start()
+
+    async def flush(self) -> bool:
+        """Wait until everything emitted so far is written and fsynced (the writer answers after
+        its next write attempt). False if that write failed."""
+        if self._thread is None or not self._thread.is_alive():
+            return False
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+
+        def resolve(ok: bool) -> None:
+            if not fut.done():
+                fut.set_result(ok)
+
+        def done(ok: bool) -> None:
+            loop.call_soon_threadsafe(resolve, ok)
+
+        self._queue.put(_Barrier(done))
+        return await fut
+
+    def flush_sync(self, timeout: float = 10.0) -> bool:
+        """flush() for threads and synchronous code (CLI commands, tests)."""
+        if self._thread is None or not self._thread.is_alive():
+            return False
+        event = threading.Event()
+        result: list[bool] = []
+
+        def done(ok: bool) -> None:
+            result.append(ok)
+            event.set()
+
+        self._queue.put(_Barrier(done))
+        return event.wait(timeout) and result[0]
+
+    async def close(self) -> None:
+        """Write what is queued (one last attempt), fsync, stop the thread (waits ≤ 10 s)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.close_sync)
+
+    def close_sync(self, timeout: float = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+        self._close_file()
+
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """Queue one event. Cheap: no I/O, no formatting. Values must not be mutated afterwards.
+
+        `statement` events may pass `classification=` (expanded into classes, tables,
+        pii_columns, fingerprint, redacted_sql) and `sql=` (written only with include_literals).
+        """
+        if fields.keys() & FORBIDDEN_FIELDS:
+            raise ValueError(f"audit fields {sorted(fields.keys() & FORBIDDEN_FIELDS)} are "
+                             f"never written (DESIGN §7)")
+        if self._closed:
+            return
+        if self._held + self._queue.qsize() >= self.config.max_pending:
+            # The writer is stuck (disk gone?) and memory is not infinite: drop, say so (an
+            # audit.gap event), and stay unhealthy so sensitive statements are refused.
+            self._dropped_total += 1
+            self._healthy = False
+            return
+        self._queue.put((self._clock(), event, fields))
+
+    # -- the writer thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        batch: list[tuple[float, str, dict[str, Any]]] = []
+        barriers: list[_Barrier] = []
+        stopping = False
+        while True:
+            timeout = self._wait_time(bool(batch))
+            try:
+                item = self._queue.get(timeout=timeout) if timeout is None or timeout > 0 \
+                    else self._queue.get_nowait()
+            except queue.Empty:
+                item = None
+            # Drain whatever else is there: one write (and one fsync) per batch.
+            while item is not None:
+                if item is _STOP:
+                    stopping = True
+                elif isinstance(item, _Barrier):
+                    barriers.append(item)
+                else:
+                    batch.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    item = None
+            self._held = len(batch)
+            reopen = self._needs_reopen and self.config.path is not None
+            if batch or self._dropped_total > self._dropped_written or reopen:
+                if self._write(batch):
+                    batch = []
+                    self._held = 0
+            elif self._dirty and self.config.fsync == "interval":
+                self._fsync_if_due()
+            if barriers:
+                ok = not batch
+                if ok and self._dirty:
+                    try:
+                        self._fsync()
+                    except OSError as exc:
+                        self._failed(exc)
+                        ok = False
+                for b in barriers:
+                    b.callback(ok)
+                barriers = []
+            if stopping:
+                if batch:
+                    log.error("audit: %d events could not be written at shutdown", len(batch))
+                return
+
+    def _wait_time(self, retrying: bool) -> float | None:
+        if retrying or not self._healthy:
+            return self.config.retry_interval
+        if self._dirty and self.config.fsync == "interval":
+            return max(0.0, self._last_fsync + self.config.fsync_interval - time.monotonic())
+        return None
+
+    def _write(self, batch: list[tuple[float, str, dict[str, Any]]]) -> bool:
+        """Chain, write and (maybe) fsync one batch. False, with the chain state unchanged, if
+        anything failed: the caller keeps the batch and retries."""
+        last_id, last_hash = self._last_id, self._last_hash
+        try:
+            if self._needs_reopen and self.config.path is not None:
+                self._open()
+            lines: list[bytes] = []
+            dropped = self._dropped_total - self._dropped_written
+            if dropped:
+                # Say in the record that events are missing (before the ones that follow).
+                lines.append(self._chain(self._clock(), AUDIT_GAP, {"dropped": dropped}))
+            for ts, event, fields in batch:
+                lines.append(self._chain(ts, event, dict(fields)))
+            data = b"".join(lines)
+            if self._file is not None and data:
+                self._file.write(data)
+                self._file.flush()
+                self._dirty = True
+                if self.config.fsync == "every":
+                    self._fsync()
+                else:
+                    self._fsync_if_due()
+            if self._stdout is not None and data:
+                with contextlib.suppress(Exception):
+                    self._stdout.write(data.decode("utf-8"))
+                    self._stdout.flush()
+            self._dropped_written += dropped
+        except (OSError, AuditError) as exc:
+            self._last_id, self._last_hash = last_id, last_hash
+            self._failed(exc)
+            return False
+        if not self._healthy:
+            log.warning("audit: writing to %s works again", self.config.path)
+        self._healthy = True
+        self.last_error = None
+        self._maybe_rotate()
+        return True
+
+    def _chain(self, ts: float, event: str, fields: dict[str, Any]) -> bytes:
+        if event == STATEMENT:
+            _statement_fields(fields, self.config.include_literals)
+        record: dict[str, Any] = {"id": self._last_id + 1, "ts": format_ts(ts), "event": event}
+        for k, v in fields.items():
+            if k not in ("id", "ts", "event", "prev", "hash"):
+                record[k] = _jsonable(v)
+        record["prev"] = self._last_hash
+        record["hash"] = chain_hash(record)
+        self._last_id = record["id"]
+        self._last_hash = record["hash"]
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+
+    def _failed(self, exc: Exception) -> None:
+        self._errors += 1
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        self.last_error = f"{self.config.path}: {reason}"
+        if self._healthy:
+            log.error("audit: cannot write the audit trail: %s", self.last_error)
+        self._healthy = False
+        self._close_file()
+        self._needs_reopen = True
+        if self._on_error is not None:
+            with contextlib.suppress(Exception):
+                self._on_error()
+
+    def _resume_chain(self) -> None:
+        assert self.config.path is not None
+        _truncate_partial_line(self.config.path)
+        last = last_event(self.config.path)
+        if last is not None:
+            self._last_id = int(last["id"])
+            self._last_hash = str(last["hash"])
+
+    def _open(self) -> None:
+        assert self.config.path is not None
+        self._close_file()
+        # After a failed write the file may end in half a line, or have been replaced: pick the
+        # chain up from what is actually on disk.
+        self._resume_chain()
+        self.config.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.config.path, "ab")  # owned by the sink until _close_file
+        self._needs_reopen = False
+        self._last_fsync = time.monotonic()
+
+    def _fsync(self) -> None:
+        if self._file is not None:
+            os.fsync(self._file.fileno())
+        self._dirty = False
+        self._last_fsync = time.monotonic()
+
+    def _fsync_if_due(self) -> None:
+        if time.monotonic() - self._last_fsync >= self.config.fsync_interval:
+            try:
+                self._fsync()
+            except OSError as exc:
+                self._failed(exc)
+
+    def _maybe_rotate(self) -> None:
+        path, limit = self.config.path, self.config.rotate_bytes
+        if path is None or self._file is None or limit <= 0 or self._file.tell() < limit:
+            return
+        try:
+            self._fsync()
+            self._close_file()
+            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+            target = path.with_name(f"{path.name}.{stamp}")
+            n = 0
+            while target.exists():
+                n += 1
+                target = path.with_name(f"{path.name}.{stamp}.{n}")
+            os.rename(path, target)
+            # The new file starts empty; its first event's prev is our last hash (in memory,
+            # and found in the newest rotated file after a restart).
+            self._needs_reopen = True
+        except OSError as exc:
+            self._failed(exc)
+
+    def _close_file(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            with contextlib.suppress(OSError):
+                if self._dirty:
+                    os.fsync(f.fileno())
+                    self._dirty = False
+            with contextlib.suppress(OSError):
+                f.close()
+
+
+def iter_events(lines: Iterable[bytes]) -> Iterable[dict[str, Any]]:
+    """Parse JSON lines into events, skipping blank lines."""
+    for line in lines:
+        if line.strip():
+            yield json.loads(line)
