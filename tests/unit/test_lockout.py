@@ -223,3 +223,15 @@ def test_lockout_survives_reopening_the_store(tmp_path: Path) -> None:
 
     run(lock, path)
     assert run(check, path) is AttemptResult.LOCKED
+
+
+# -- grant arithmetic ---------------------------------------------------------------------------
+
+def test_success_grants_each_positive_ttl_class_for_its_own_ttl() -> None:
+    from pgguard.stepup.grants import grants_after_success, still_granted
+
+    g = grants_after_success({"pii": 1800.0, "write": 600.0, "unknown": 0.0}, T0)
+    assert g == {"pii": T0 + 1800, "write": T0 + 600}
+    assert grants_after_success({"ddl": 0.0, "admin": 0.0}, T0) == {}
+    assert still_granted(g, T0 + 600) == {"pii": T0 + 1800}
+    assert still_granted(g, T0 + 1800) == {}
