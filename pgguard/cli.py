@@ -94,5 +94,59 @@ def policy_check(file: str) -> None:
     sys.exit(check_policy_file(file))
 
 
+@cli.group()
+def audit() -> None:
+    """Check and read the audit trail."""
+
+
+@audit.command("verify")
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def audit_verify(files: tuple[Path, ...]) -> None:
+    """Verify the hash chain of FILE (or a series of rotated files, oldest first).
+    Prints `ok N events` (exit 0) or the first bad line (exit 1)."""
+    from pgguard.observability.audit_files import verify_files
+
+    result = verify_files(list(files))
+    click.echo(result.message(), err=not result.ok)
+    sys.exit(0 if result.ok else 1)
+
+
+@audit.command("tail")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--follow", "-f", is_flag=True, help="Keep printing events as they are written.")
+@click.option("--user", "users", multiple=True, metavar="U", help="Only events of this user.")
+@click.option("--event", "events", multiple=True, metavar="E",
+              help="Only this event (or dotted prefix: stepup).")
+@click.option("-n", "--lines", type=click.IntRange(min=0), metavar="N",
+              help="Start with the last N matching events (default: all).")
+def audit_tail(file: Path, follow: bool, users: tuple[str, ...], events: tuple[str, ...],
+               lines: int | None) -> None:
+    """Print the audit trail for humans."""
+    from pgguard.observability.audit_files import tail
+
+    try:
+        tail(file, follow=follow, users=users, events=events, last=lines, out=click.echo)
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
+@click.argument("user", required=False)
+@click.option("--force", is_flag=True, help="Replace an existing authenticator.")
+@click.option("--revoke", is_flag=True, help="Remove the user's authenticator.")
+@click.option("--list", "list_users", is_flag=True, help="List enrolled users and when.")
+@click.option("--json", "as_json", is_flag=True, help='Print JSON ({"user", "secret", "uri"}).')
+@click.option("--config", "config_file", metavar="FILE",
+              help="pgguard.yaml (else $PGGUARD_CONFIG, ./pgguard.yaml).")
+def enroll(user: str | None, force: bool, revoke: bool, list_users: bool, as_json: bool,
+           config_file: str | None) -> None:
+    """Give USER a TOTP authenticator: prints the otpauth:// URI and a QR code."""
+    from pgguard.enrollment import run_enroll
+
+    sys.exit(run_enroll(user, force=force, revoke=revoke, list_users=list_users,
+                        as_json=as_json, config_file=config_file))
+
+
 def main() -> None:
     cli(prog_name="pgguard")
