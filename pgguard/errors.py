@@ -68,4 +68,7 @@ class UpstreamError(PgGuardError):
 
 class StateUnavailable(PgGuardError):
     """The state store (enrollments, counters, grants) cannot be reached or read: sensitive
-    statements are refused (ERROR 58000), reads allowed by policy keep working."""
+    statements are refused (ERROR 58000 `pgguard: cannot verify step-up state; sensitive
+    statement refused`), reads allowed by policy keep working."""
+
+    sqlstate = SqlState.IO_ERROR

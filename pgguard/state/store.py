@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from pgguard.errors import PgGuardError, SqlState
+from pgguard.errors import StateUnavailable
 from pgguard.stepup.lockout import FailureCounts
 
 __all__ = [
@@ -41,13 +41,6 @@ __all__ = [
     "StateStore",
     "StateUnavailable",
 ]
-
-
-class StateUnavailable(PgGuardError):
-    """The state store cannot be read or written. Sensitive statements are refused with
-    ERROR 58000 `pgguard: cannot verify step-up state; sensitive statement refused`."""
-
-    sqlstate = SqlState.IO_ERROR
 
 
 class SecretKeyError(StateUnavailable):
