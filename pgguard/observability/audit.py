@@ -14,7 +14,7 @@ the newest rotated one); a rotated file's first `prev` is the last hash of the f
 
 How the hot path uses it:
 
-    sink = AuditSink(AuditConfig.from_mapping(config.raw.get("audit") or {}, base_dir),
+    sink = AuditSink(AuditConfig.from_settings(config.audit),  # pgguard.config's section
                      on_error=metrics.audit_errors.inc)
     sink.start()                               # the writer thread
     sink.emit(SESSION_START, session=sid, user="alice", client_addr="10.0.0.7:51234")
@@ -157,6 +157,20 @@ class AuditConfig:
     def __post_init__(self) -> None:
         if self.fsync not in _FSYNC_MODES:
             raise ValueError(f"audit.fsync must be every or interval, not {self.fsync!r}")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> AuditConfig:
+        """From the validated `pgguard.config.AuditConfig` (attributes path, include_literals,
+        fsync, rotate_bytes, stdout; paths already absolute, rotate_bytes None = default)."""
+        kwargs: dict[str, Any] = {
+            "path": Path(settings.path) if getattr(settings, "path", None) else None,
+            "include_literals": bool(getattr(settings, "include_literals", False)),
+            "fsync": str(getattr(settings, "fsync", "interval")),
+            "stdout": bool(getattr(settings, "stdout", False)),
+        }
+        if getattr(settings, "rotate_bytes", None) is not None:
+            kwargs["rotate_bytes"] = int(settings.rotate_bytes)
+        return cls(**kwargs)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], base_dir: Path | None = None) -> AuditConfig:

@@ -340,3 +340,14 @@ def test_event_names_are_the_design_names() -> None:
     assert set(A.STEPUP_FAILURE_REASONS) == {"bad_code", "replay", "locked",
                                              "unknown_session", "not_enrolled"}
     assert os.sep not in A.GENESIS
+
+
+def test_config_from_validated_settings(tmp_path: Path) -> None:
+    from pgguard import config as cfg
+
+    settings = cfg.AuditConfig(path=str(tmp_path / "a.jsonl"), include_literals=True,
+                               fsync="every", rotate_bytes=None, stdout=True)
+    c = AuditConfig.from_settings(settings)
+    assert c == AuditConfig(path=tmp_path / "a.jsonl", include_literals=True, fsync="every",
+                            stdout=True)
+    assert AuditConfig.from_settings(cfg.AuditConfig(rotate_bytes=1024)).rotate_bytes == 1024
