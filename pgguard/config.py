@@ -599,7 +599,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -
     lines, duplicates = _line_map(text)
     errors: list[tuple[KeyPath, str]] = list(duplicates)
     v = _validate(data, _SCHEMA, (), errors)
-    base = (path.parent if path else Path.cwd()).absolute()
+    base = Path(os.path.abspath(path.parent if path else Path.cwd()))
 
     try:
         upstream = Upstream.parse(v.get("upstream", "127.0.0.1:5432"), v.get("upstream_port", 5432))
