@@ -119,7 +119,9 @@ def decide(policy: Policy, user: str, classification: Classification, grants: Gr
     classes = classification.classes
     if not classes:
         return _EMPTY
-    role, matched_by = _resolve(policy, user)
+    role, matched_by = policy.resolve(user)
+    if role is not None and classes <= role.allow and role.step_up_classes.isdisjoint(classes):
+        return Allow(role.allow_rule, role.name, matched_by)  # the common case, kept short
     if role is None:
         return Deny(f"pgguard: user {user} matches no role and there is no default_role",
                     "default_role", None, matched_by, tuple(_ordered(classes)))
@@ -131,8 +133,6 @@ def decide(policy: Policy, user: str, classification: Classification, grants: Gr
         return Deny(f"pgguard: role {role.name} may not run {what}",
                     f"roles.{role.name}.allow", role.name, matched_by, tuple(ordered), triggers)
     gated = [cls for cls in _ordered(classes) if cls in role.step_up]
-    if not gated:
-        return Allow(f"roles.{role.name}.allow", role.name, matched_by)
     rule = ", ".join(f"roles.{role.name}.step_up.{cls.value}" for cls in gated)
     missing = [cls for cls in gated if not _covered(role, cls, grants, now, fresh)]
     if not missing:
@@ -187,15 +187,6 @@ def triggers_for(cls: StatementClass, c: Classification) -> tuple[str, ...]:
     if not found:
         found = _unique(_keywords(s.sql) for s in c.statements if cls in s.classes)
     return found or (cls.value,)
-
-
-def _resolve(policy: Policy, user: str) -> tuple[Role | None, str]:
-    for role in policy.roles:
-        if role.matches(user):
-            return role, f"roles.{role.name}.users"
-    if policy.default_role is not None:
-        return policy.role(policy.default_role), "default_role"
-    return None, "default_role"
 
 
 def _covered(role: Role, cls: StatementClass, grants: Grants, now: float,

@@ -25,6 +25,7 @@ ALL_CLASSES: frozenset[StatementClass] = frozenset(StatementClass)
 """`allow: all`: every class, `unknown` included (DESIGN §5)."""
 
 _MATCH_NOTHING = re.compile(r"(?!)")
+_MEMO_LIMIT = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +39,16 @@ class Role:
     # All globs compiled into one anchored regex (what fnmatchcase does per glob, done once).
     _pattern: re.Pattern[str] = field(default=_MATCH_NOTHING, init=False, repr=False,
                                       compare=False)
+    step_up_classes: frozenset[StatementClass] = field(default=frozenset(), init=False,
+                                                       repr=False, compare=False)
+    allow_rule: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "users", tuple(self.users))
         object.__setattr__(self, "allow", frozenset(self.allow))
         object.__setattr__(self, "step_up", MappingProxyType(dict(self.step_up)))
+        object.__setattr__(self, "step_up_classes", frozenset(self.step_up))
+        object.__setattr__(self, "allow_rule", f"roles.{self.name}.allow")
         if self.users:
             # fnmatch.translate yields `(?s:…)\Z`; alternation of those equals fnmatchcase on
             # each glob in turn.
@@ -73,6 +79,10 @@ class Policy:
     roles: tuple[Role, ...] = ()
     default_role: str | None = None
     configured: bool = True
+    # user → (role, how it was chosen): decide() runs at every Query; the answer depends only on
+    # this immutable policy, so memoising it is safe. Bounded: cleared when full.
+    _memo: dict[str, tuple[Role | None, str]] = field(default_factory=dict, init=False,
+                                                      repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "roles", tuple(self.roles))
@@ -95,13 +105,26 @@ class Policy:
 
     def role_for(self, user: str) -> Role | None:
         """First role whose `users` globs match, else `default_role`, else None (denied)."""
-        for r in self.roles:
-            if r.matches(user):
-                return r
-        if self.default_role is not None:
-            return self.role(self.default_role)
-        return None
+        return self.resolve(user)[0]
 
     def matched_by_default(self, user: str) -> bool:
-        """True when `user` gets a role only through `default_role`."""
-        return not any(r.matches(user) for r in self.roles)
+        """True when `user` gets a role only through `default_role` (or gets none)."""
+        return self.resolve(user)[1] == "default_role"
+
+    def resolve(self, user: str) -> tuple[Role | None, str]:
+        """(role, how): how is `roles.<name>.users` or `default_role` (also when None)."""
+        hit = self._memo.get(user)
+        if hit is not None:
+            return hit
+        found: tuple[Role | None, str] = (None, "default_role")
+        for r in self.roles:
+            if r.matches(user):
+                found = (r, f"roles.{r.name}.users")
+                break
+        else:
+            if self.default_role is not None:
+                found = (self.role(self.default_role), "default_role")
+        if len(self._memo) >= _MEMO_LIMIT:
+            self._memo.clear()
+        self._memo[user] = found
+        return found

@@ -256,3 +256,10 @@ def test_trigger_keywords_never_carry_literals() -> None:
     c2 = Classification(frozenset({C.ADMIN}),
                         (StatementResult("'x'", frozenset({C.ADMIN})),))
     assert triggers_for(C.ADMIN, c2) == ("admin",)
+
+
+def test_role_memo_stays_correct_past_its_bound() -> None:
+    p = Policy((Role("even", ("*[02468]",), {C.READ}), Role("odd", ("*",), {C.READ})))
+    for i in range(5000):
+        assert p.role_for(f"u{i}") is p.roles[i % 2], i
+    assert p.resolve("u7") == (p.roles[1], "roles.odd.users")
