@@ -13,7 +13,8 @@ How the proxy and the app use it:
     new_grants = grants_after_stepup(role, now)             # ttl-0 classes are not granted
     decide(policy, user, classification, {**grants, **new_grants}, now, fresh=d.classes)
 
-`d.rule` names the config entry that decided (`roles.oncall.allow`,
+`policy.resolve(user)` → (role, matched_by) is memoised per policy object, so a reload (a new
+Policy) starts afresh. `d.rule` names the config entry that decided (`roles.oncall.allow`,
 `roles.oncall.step_up.pii`, `default_role`), `d.matched_by` how the role was chosen
 (`roles.oncall.users` or `default_role`); both go to explain and the audit.
 """
