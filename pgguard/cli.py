@@ -148,5 +148,29 @@ def enroll(user: str | None, force: bool, revoke: bool, list_users: bool, as_jso
                         as_json=as_json, config_file=config_file))
 
 
+@cli.command()
+@click.argument("session", required=False)
+@click.option("--code", metavar="N", help="The 6-digit code (asked without echo when omitted).")
+@click.option("--admin-url", metavar="URL",
+              help="pgguard's admin server (else $PGGUARD_ADMIN_URL, the config, :9433).")
+@click.option("--config", "config_file", metavar="FILE",
+              help="pgguard.yaml, for admin.public_url / admin.listen.")
+def stepup(session: str | None, code: str | None, admin_url: str | None,
+           config_file: str | None) -> None:
+    """Approve a held statement with a TOTP code; without SESSION, choose among the held ones."""
+    from pgguard.stepup_cli import run_stepup
+
+    raw = None
+    if not admin_url:
+        from pgguard.config import find_config_file, load_config
+
+        try:
+            raw = dict(load_config(find_config_file(config_file)).raw)
+        except ConfigError:
+            if config_file:
+                raise
+    sys.exit(run_stepup(session, code, admin_url, raw))
+
+
 def main() -> None:
     cli(prog_name="pgguard")

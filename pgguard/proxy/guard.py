@@ -8,14 +8,19 @@ hold queue); a `Guard` only decides *whether*. `app.py` plugs the policy in (Pol
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from pgguard.classify import Classification
 from pgguard.errors import SqlState
+from pgguard.policy import Allow as PolicyAllow
+from pgguard.policy import Deny, Policy, decide
+from pgguard.proxy.grants import GrantBook
 
-__all__ = ["ALLOW", "Allow", "AllowAll", "Guard", "NeedStepUp", "Refuse", "RefusePattern",
-           "SessionView", "Verdict"]
+__all__ = ["ALLOW", "Allow", "AllowAll", "Guard", "NeedStepUp", "PolicyGuard", "Refuse",
+           "RefusePattern", "SessionView", "Verdict"]
 
 
 class SessionView(Protocol):
@@ -79,3 +84,28 @@ class RefusePattern:
         if sql is None or self._re.search(sql):
             return Refuse(SqlState.INSUFFICIENT_PRIVILEGE, "pgguard: statement rejected by policy")
         return self._inner.check(session, classification, sql)
+
+
+class PolicyGuard:
+    """The policy (DESIGN §5) over the session's grants: pgguard's real guard.
+
+    `policy()` returns the policy in force (it changes on reload); `clock()` is wall time,
+    the same clock grants are stamped with.
+    """
+
+    def __init__(self, policy: Callable[[], Policy], grants: GrantBook,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._policy = policy
+        self._grants = grants
+        self._clock = clock
+
+    def check(self, session: SessionView, classification: Classification,
+              sql: str | None) -> Verdict:
+        now = self._clock()
+        grants = self._grants.for_session(session.id, session.user, session.client_addr, now)
+        d = decide(self._policy(), session.user, classification, grants, now)
+        if isinstance(d, PolicyAllow):
+            return Allow(d.rule)
+        if isinstance(d, Deny):
+            return Refuse(SqlState.INSUFFICIENT_PRIVILEGE, d.reason, rule=d.rule)
+        return NeedStepUp(tuple(c.value for c in d.classes), d.triggers_text, d.rule)

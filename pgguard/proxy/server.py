@@ -72,7 +72,7 @@ class ProxyContext:
         self.setting_is_harmless = setting_is_harmless
         self.classifier = classifier or ClassificationCache(
             PiiRules.from_config(config.pii), max_sql_bytes=config.limits.max_sql_bytes)
-        self.holds = holds or HoldRegistry()
+        self.holds = holds if holds is not None else HoldRegistry()
         self.hold_timeout = 120.0
         self.sessions: set[Session] = set()
         self.on_upstream_error: Callable[[str], None] = lambda kind: None
@@ -83,6 +83,9 @@ class ProxyContext:
         self.status_text: Callable[[Session], str] = lambda s: f"user {s.user}"
         self.on_statement: Callable[[Session, Classification, str, str | None], None] = (
             lambda session, c, decision, rule: None)
+        self.on_session: Callable[[Session, bool], None] = lambda session, started: None
+        self.audit_healthy: Callable[[], bool] = lambda: True
+        self.by_id: dict[str, Session] = {}
         self._upstream_ssl = (upstream_ssl_context(config.upstream_tls.mode, config.upstream_tls.ca)
                               if config.upstream_tls.mode != "disable" else None)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -110,10 +113,13 @@ class ProxyContext:
         self.on_statement(session, c, decision, rule)
 
     def session_ready(self, session: Session) -> None:
-        pass
+        self.by_id[session.id] = session
+        self.on_session(session, True)
 
     def session_closed(self, session: Session) -> None:
         self.sessions.discard(session)
+        if self.by_id.pop(session.id, None) is not None:
+            self.on_session(session, False)
 
     def upstream_error(self, kind: str) -> None:
         self.on_upstream_error(kind)

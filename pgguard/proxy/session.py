@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("pgguard.session")
 
-__all__ = ["Session", "new_session_id"]
+__all__ = ["Session", "fatal_shutdown", "new_session_id"]
 
 # Frontend: what to look at. Anything not listed is not a frontend message type: 08P01.
 CLIENT_TABLE = frame_table(INVALID, inspect="QPESHCDFXcf", head="B", skip="dp")
@@ -74,6 +74,10 @@ ENCODINGS = {
 }
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
+
+# Classes whose statements are refused when the audit trail cannot be written (fail closed).
+SENSITIVE = frozenset({StatementClass.WRITE, StatementClass.DDL, StatementClass.ADMIN,
+                       StatementClass.PII, StatementClass.UNKNOWN})
 
 # While a statement is held, the client's later messages wait in the framer; past this many
 # bytes we stop reading the client socket (DESIGN §3: bounded hold queue).
@@ -226,7 +230,7 @@ class Session:
     def begin_shutdown(self) -> None:
         self._shutting_down = True
         if self.state < READY or self._idle():
-            self.close(_fatal_shutdown())
+            self.close(fatal_shutdown())
 
     def _idle(self) -> bool:
         return (self.state == READY and not self._fifo and self.txn_status == b"I"
@@ -410,6 +414,9 @@ class Session:
     def _decide(self, kind: int, c: Classification, text: str | None) -> FrameVerdict:
         """Ask the guard at a Query or a portal's first Execute; returns the framer verdict."""
         verdict = self.ctx.guard.check(self, c, text)
+        if not isinstance(verdict, Refuse) and not self.ctx.audit_healthy() and c.classes & SENSITIVE:
+            verdict = Refuse(SqlState.IO_ERROR,
+                             "pgguard: cannot write the audit trail; sensitive statement refused")
         if isinstance(verdict, Refuse):
             self.ctx.statement_decided(self, c, "denied", verdict.rule)
             self._fifo.append(_Marked(kind, m.error_response(
@@ -659,7 +666,7 @@ class Session:
 
     def _shutdown_if_idle(self) -> None:
         if self.state != CLOSED and self._idle():
-            self.close(_fatal_shutdown())
+            self.close(fatal_shutdown())
 
     # -- cancel ---------------------------------------------------------------------------------
 
@@ -687,7 +694,7 @@ def _poison(kind: int) -> bytes:
     return m.query(POISON_SQL) if kind == K_QUERY else m.execute(POISON_PORTAL)
 
 
-def _fatal_shutdown() -> bytes:
+def fatal_shutdown() -> bytes:
     return m.error_response(SqlState.ADMIN_SHUTDOWN,
                             "terminating connection due to administrator command",
                             severity="FATAL")
