@@ -25,10 +25,12 @@ from pgguard.classify.parsing import (
     Chunk,
     FlatToken,
     ParseError,
+    Segment,
     TokenError,
-    flatten,
+    flat_tokens,
     lumped_tail,
     parse_chunk,
+    segments,
     split,
     tokenize,
 )
@@ -61,6 +63,49 @@ _ADMIN_OBJECTS = frozenset({"ROLE", "USER", "GROUP", "EXTENSION", "LANGUAGE", "S
                             "DATABASE", "TABLESPACE", "SUBSCRIPTION", "PUBLICATION"})
 _ADMIN_OBJECT_PAIRS = frozenset({("FOREIGN", "DATA"), ("EVENT", "TRIGGER")})
 _QUOTED = frozenset({TokenType.IDENTIFIER}) | LITERAL_TOKENS
+
+# What the effect walk does with a node, by its exact type (the isinstance order of
+# CLASSIFICATION §2 step 6, computed once per node class).
+_K_OTHER, _K_TABLE, _K_CTE, _K_DML, _K_SELECT, _K_LOCK, _K_COMMAND, _K_ANON, _K_FUNC = range(9)
+_NODE_KINDS: dict[type, int] = {}
+# Effect classes of a typed (non-Anonymous) function class, from its `sql_names()` (§5).
+_FUNC_EFFECTS: dict[type, frozenset[StatementClass]] = {}
+
+
+def _node_kind(cls: type) -> int:
+    if issubclass(cls, exp.Table):
+        kind = _K_TABLE
+    elif issubclass(cls, exp.Anonymous):
+        kind = _K_ANON
+    elif issubclass(cls, _DML_ROOTS):
+        kind = _K_DML
+    elif issubclass(cls, exp.Select):
+        kind = _K_SELECT
+    elif issubclass(cls, exp.Lock):
+        kind = _K_LOCK
+    elif issubclass(cls, exp.Command):
+        kind = _K_COMMAND
+    elif issubclass(cls, exp.Func):
+        kind = _K_FUNC
+    elif issubclass(cls, exp.CTE):
+        kind = _K_CTE
+    else:
+        kind = _K_OTHER
+    _NODE_KINDS[cls] = kind
+    return kind
+
+
+def _func_effect(cls: type) -> frozenset[StatementClass]:
+    effects: set[StatementClass] = set()
+    for n in cls.sql_names():  # type: ignore[attr-defined]
+        effect = side_effect_of(n.lower())
+        if effect == "write":
+            effects.add(C.WRITE)
+        elif effect == "admin":
+            effects.add(C.ADMIN)
+    frozen = frozenset(effects)
+    _FUNC_EFFECTS[cls] = frozen
+    return frozen
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,17 +191,17 @@ def classify(sql: str, rules: PiiRules, catalog: CatalogSnapshot | None = None,
                               None)
     try:
         chunks = split(sql, tokenize(sql))
-        flats = [flatten(c) for c in chunks]
+        segs = [segments(c) for c in chunks]
     except (TokenError, RecursionError) as exc:
         return _whole_unknown(sql, f"tokenizer error: {_short(exc)}",
                               "<statement that could not be tokenized>")
-    fingerprint, redacted = _fingerprint_and_redact(sql, flats)
+    fingerprint, redacted = _fingerprint_and_redact(sql, segs)
     if not chunks:
         return Classification(frozenset(), (), fingerprint=fingerprint, redacted_sql=redacted)
     run = _Run(rules, catalog, facts)
     results: list[StatementResult] = []
-    for chunk, flat in zip(chunks, flats, strict=True):
-        results.append(run.statement(chunk, flat))
+    for chunk, seg in zip(chunks, segs, strict=True):
+        results.append(run.statement(chunk, seg))
     if single_statement and len(results) > 1:
         results = [StatementResult(r.sql, frozenset({C.UNKNOWN}),
                                    "more than one statement in a Parse message")
@@ -192,7 +237,7 @@ def _whole_unknown(sql: str, reason: str, redacted: str | None) -> Classificatio
                           fingerprint=f"raw:{digest}", redacted_sql=shown, reason=reason)
 
 
-def _fingerprint_and_redact(sql: str, flats: list[list[FlatToken]]) -> tuple[str, str]:
+def _fingerprint_and_redact(sql: str, segs: list[list[Segment]]) -> tuple[str, str]:
     """One pass over the un-lumped tokens.
 
     Fingerprint: stable across literal values, whitespace, comments and keyword case.
@@ -202,27 +247,36 @@ def _fingerprint_and_redact(sql: str, flats: list[list[FlatToken]]) -> tuple[str
     one. Comments are kept.
     """
     parts: list[str] = []
+    add = parts.append
     out: list[str] = []
     pos = 0
     literal, ident, var, param, number = (LITERAL_TOKENS, TokenType.IDENTIFIER, TokenType.VAR,
                                           TokenType.PARAMETER, TokenType.NUMBER)
-    for flat in flats:
-        prev_type, prev_end = None, -1
-        for ttype, text, start, end in flat:
-            if ttype in literal and not (ttype is number and prev_type is param
-                                         and prev_end == start):
-                parts.append("?")
-                out.append(sql[pos:start])
-                out.append(REDACTED)
-                pos = end
-            elif ttype is ident:
-                parts.append('"' + text + '"')
-            elif ttype is var:
-                parts.append(fold(text))
-            else:
-                parts.append(text.upper())
-            prev_type, prev_end = ttype, end
-        parts.append(";")
+    for statement in segs:
+        prev: Any = None  # the previous token and its segment's base
+        prev_base = 0
+        for base, toks in statement:
+            for tok in toks:
+                ttype = tok.token_type
+                if ttype in literal:
+                    start = base + tok.start
+                    # `$1`: a PARAMETER token directly followed by its NUMBER, kept.
+                    if not (ttype is number and prev is not None and
+                            prev.token_type is param and prev_base + prev.end + 1 == start):
+                        add("?")
+                        out.append(sql[pos:start])
+                        out.append(REDACTED)
+                        pos = base + tok.end + 1
+                    else:
+                        add(tok.text.upper())
+                elif ttype is ident:
+                    add('"' + tok.text + '"')
+                elif ttype is var:
+                    add(fold(tok.text))
+                else:
+                    add(tok.text.upper())
+                prev, prev_base = tok, base
+        add(";")
     out.append(sql[pos:])
     digest = hashlib.blake2b(" ".join(parts).encode("utf-8", "surrogatepass"),
                              digest_size=8).hexdigest()
@@ -263,10 +317,11 @@ class _Run:
 
     # -- statements -----------------------------------------------------------------------------
 
-    def statement(self, chunk: Chunk, flat: list[FlatToken]) -> StatementResult:
+    def statement(self, chunk: Chunk, segs: list[Segment]) -> StatementResult:
         text = chunk.text[chunk.tokens[0].start:chunk.tokens[-1].end + 1]
         try:
-            _check_unicode_identifiers(flat)
+            if "&" in chunk.text:  # the message (or the tail it was re-tokenized from)
+                _check_unicode_identifiers(flat_tokens(segs))
             classes = self.dispatch(chunk)
         except _Unknown as exc:
             return StatementResult(text, frozenset({C.UNKNOWN}), str(exc))
@@ -402,53 +457,77 @@ class _Run:
     def effect_walk(self, tree: exp.Expression, classes: set[StatementClass],
                     effects: bool = True) -> bool:
         """Add effect classes; collect tables and functions. Returns whether PII resolution is
-        needed (a relation or function the rules may cover is referenced)."""
-        ctes = {ident_name(c.args["alias"].this) for c in tree.find_all(exp.CTE)
-                if c.args.get("alias") is not None and c.args["alias"].this is not None}
-        aliases: set[str] | None = None
-        candidate = False
+        needed (a relation or function the rules may cover is referenced).
+
+        One `tree.walk()`: nodes are dispatched on their exact type (`_node_kind`), CTE names
+        and relation aliases are gathered on the way, and the relations, calls and Command
+        nodes are then handled in walk order (an UNKNOWN raised at a Command leaves exactly
+        the tables and functions met before it collected)."""
+        kinds = _NODE_KINDS
+        ctes: set[str] = set()
+        tables: list[exp.Table] = []
+        events: list[tuple[int, Any]] = []  # (kind, node): tables, calls, Command
+        node: Any
         for node in tree.walk():
-            if isinstance(node, exp.Table):
+            kind = kinds.get(type(node))
+            if kind is None:
+                kind = _node_kind(type(node))
+            if kind == _K_OTHER:
+                continue
+            if kind == _K_TABLE:
+                tables.append(node)
+                events.append((kind, node))
+            elif kind == _K_CTE:
+                alias = node.args.get("alias")
+                if alias is not None and alias.this is not None:
+                    ctes.add(ident_name(alias.this))
+            elif kind == _K_ANON:
+                events.append((kind, node))
+            elif not effects:
+                continue
+            elif kind == _K_FUNC:
+                effect = _FUNC_EFFECTS.get(type(node))
+                if effect is None:
+                    effect = _func_effect(type(node))
+                if effect:
+                    classes |= effect
+            elif kind == _K_DML or kind == _K_LOCK:
+                classes.add(C.WRITE)
+            elif kind == _K_SELECT:
+                if node.args.get("into") is not None:
+                    classes |= {C.DDL, C.WRITE}
+            elif kind == _K_COMMAND:
+                events.append((kind, node))
+        candidate = False
+        aliases: set[str] | None = None
+        model = self.model
+        for kind, node in events:
+            if kind == _K_TABLE:
                 this = node.args.get("this")
                 if not isinstance(this, exp.Identifier):
                     continue
                 db = node.args.get("db")
                 schema = ident_name(db) if db is not None else None
                 name = ident_name(this)
-                if self.model.lookup(schema, name):
+                if model.lookup(schema, name):
                     candidate = True  # even if a CTE shadows it: a body may read the table
                 if schema is None and name in ctes:
                     continue
                 self.acc.tables.add(render((schema, name) if schema else (name,)))
                 if schema in (None, "pg_catalog") and name in ADMIN_CATALOGS:
                     classes.add(C.ADMIN)
-            elif not effects:
-                if isinstance(node, exp.Anonymous) and self.anonymous_is_pii(node):
-                    candidate = True
-                continue
-            elif isinstance(node, _DML_ROOTS):
-                classes.add(C.WRITE)
-            elif isinstance(node, exp.Select):
-                if node.args.get("into") is not None:
-                    classes |= {C.DDL, C.WRITE}
-            elif isinstance(node, exp.Lock):
-                classes.add(C.WRITE)
-            elif isinstance(node, exp.Command):
+            elif kind == _K_COMMAND:
                 raise _Unknown("a construct sqlglot could not parse (Command) inside the "
                                "statement")
-            elif isinstance(node, exp.Anonymous):
+            elif not effects:
+                if self.anonymous_is_pii(node):
+                    candidate = True
+            else:
                 if aliases is None:
-                    aliases = _relation_aliases(tree)
+                    aliases = _relation_aliases(tables)
                 self.anonymous(node, classes, aliases)
                 if self.anonymous_is_pii(node):
                     candidate = True
-            elif isinstance(node, exp.Func):
-                for n in node.sql_names():
-                    effect = side_effect_of(n.lower())
-                    if effect == "write":
-                        classes.add(C.WRITE)
-                    elif effect == "admin":
-                        classes.add(C.ADMIN)
         return candidate
 
     def anonymous_is_pii(self, node: exp.Anonymous) -> bool:
@@ -765,9 +844,9 @@ def _function_name(node: exp.Anonymous) -> tuple[str | None, str]:
     return schema, name
 
 
-def _relation_aliases(tree: exp.Expression) -> set[str]:
+def _relation_aliases(tables: list[exp.Table]) -> set[str]:
     out: set[str] = set()
-    for t in tree.find_all(exp.Table):
+    for t in tables:
         alias = t.args.get("alias")
         if isinstance(alias, exp.TableAlias) and alias.this is not None:
             out.add(ident_name(alias.this))

@@ -7,6 +7,7 @@ A relation is named by `QualName = (schema, name)`; an unqualified reference has
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from sqlglot import exp
@@ -14,18 +15,24 @@ from sqlglot import exp
 QualName = tuple[str, str]
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+_IDENTIFIER = exp.Identifier
 
 
 def fold(name: str) -> str:
     """Fold an unquoted identifier like PostgreSQL's `downcase_identifier` (ASCII only)."""
-    return name.translate(_ASCII_LOWER)
+    # str.lower() is exact for ASCII text and much faster than a translate table.
+    return name.lower() if name.isascii() else name.translate(_ASCII_LOWER)
 
 
 def ident_name(node: Any) -> str:
     """The normalised text of a sqlglot Identifier (or a plain string / other node)."""
-    if isinstance(node, exp.Identifier):
-        text = str(node.this)
-        return text if node.args.get("quoted") else fold(text)
+    if type(node) is _IDENTIFIER or isinstance(node, exp.Identifier):  # hot: exact type first
+        text = node.this
+        if type(text) is not str:
+            text = str(text)
+        if node.args.get("quoted"):
+            return text
+        return text.lower() if text.isascii() else text.translate(_ASCII_LOWER)
     if isinstance(node, str):
         return fold(node)
     if isinstance(node, exp.Expression):
@@ -85,6 +92,7 @@ def render(name: tuple[str, ...]) -> str:
     return ".".join(_quote(p) for p in name)
 
 
+@functools.lru_cache(maxsize=4096)
 def _quote(part: str) -> str:
     if part and (part[0].isalpha() or part[0] == "_") and all(
             c.isalnum() or c in "_$" for c in part) and fold(part) == part:

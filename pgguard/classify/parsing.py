@@ -30,8 +30,9 @@ LITERAL_TOKENS: frozenset[TokenType] = frozenset({
     TokenType.RAW_STRING, TokenType.UNICODE_STRING,
 })
 
-__all__ = ["COMMAND_TOKENS", "LITERAL_TOKENS", "Chunk", "ParseError", "TokenError", "flatten",
-           "parse_chunk", "parse_query", "split", "tokenize"]
+__all__ = ["COMMAND_TOKENS", "LITERAL_TOKENS", "Chunk", "ParseError", "Segment", "TokenError",
+           "flat_tokens", "flatten", "parse_chunk", "parse_query", "segments", "split",
+           "tokenize"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +69,9 @@ def tokenize(sql: str) -> list[Token]:
 def split(sql: str, tokens: list[Token]) -> list[Chunk]:
     chunks: list[Chunk] = []
     current: list[Token] = []
+    semicolon = TokenType.SEMICOLON  # (enum attribute lookups are slow in the loop)
     for tok in tokens:
-        if tok.token_type is TokenType.SEMICOLON:
+        if tok.token_type is semicolon:
             if current:
                 chunks.append(Chunk(sql, tuple(current)))
             current = []
@@ -98,21 +100,34 @@ def lumped_tail(chunk: Chunk) -> Chunk | None:
 
 
 # A token of the fully un-lumped statement: (type, text, start, end), absolute offsets in the
-# message, end exclusive. Plain tuples: this runs for every token of every cold message.
+# message, end exclusive.
 FlatToken = tuple[TokenType, str, int, int]
+
+# A run of un-lumped tokens and the message offset their `start`/`end` are relative to.
+# `segments()` is what the per-message pass (fingerprint, redaction) reads: it keeps sqlglot's
+# own Token objects instead of building a tuple for every token of every cold message.
+Segment = tuple[int, tuple[Token, ...]]
+
+
+def segments(chunk: Chunk) -> list[Segment]:
+    """All tokens of the statement, lumped tails re-tokenized recursively, as segments."""
+    tail = lumped_tail(chunk)
+    if tail is None:
+        return [(chunk.base, chunk.tokens)]
+    out: list[Segment] = [(chunk.base, chunk.tokens[:1])]
+    if tail.tokens:
+        out.extend(segments(tail))
+    return out
 
 
 def flatten(chunk: Chunk) -> list[FlatToken]:
     """All tokens of the statement, lumped tails re-tokenized recursively."""
-    base = chunk.base
-    tail = lumped_tail(chunk)
-    if tail is None:
-        return [(t.token_type, t.text, base + t.start, base + t.end + 1) for t in chunk.tokens]
-    t0 = chunk.tokens[0]
-    out = [(t0.token_type, t0.text, base + t0.start, base + t0.end + 1)]
-    if tail.tokens:
-        out.extend(flatten(tail))
-    return out
+    return flat_tokens(segments(chunk))
+
+
+def flat_tokens(segs: list[Segment]) -> list[FlatToken]:
+    return [(t.token_type, t.text, base + t.start, base + t.end + 1)
+            for base, toks in segs for t in toks]
 
 
 def parse_chunk(chunk: Chunk) -> exp.Expression:

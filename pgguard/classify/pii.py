@@ -17,8 +17,9 @@ Unqualified relation names match PII relations of *every* schema (fail closed: `
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlglot import exp
 
@@ -190,19 +191,28 @@ class _Frame:
             f = f.parent
 
     def find_source(self, alias: str) -> _Source | None:
-        for f in self.chain():
+        f: _Frame | None = self
+        while f is not None:
             src = f.sources.get(alias)
             if src is not None:
                 return src
+            f = f.parent
         return None
 
     def is_cte(self, name: str) -> bool:
-        return any(name in f.ctes for f in self.chain())
+        f: _Frame | None = self
+        while f is not None:
+            if name in f.ctes:
+                return True
+            f = f.parent
+        return False
 
     def cte_columns(self, name: str) -> frozenset[str] | None:
-        for f in self.chain():
+        f: _Frame | None = self
+        while f is not None:
             if name in f.ctes:
                 return f.ctes[name]
+            f = f.parent
         return None
 
 
@@ -298,43 +308,47 @@ class PiiResolver:
     # -- generic walk ---------------------------------------------------------------------------
 
     def visit(self, node: exp.Expression, frame: _Frame) -> None:
-        if isinstance(node, exp.Select):
-            self._select(node, frame)
-        elif isinstance(node, exp.SetOperation):
-            frame = self._with(node, frame)
-            self._children(node, frame, skip=("with_",))
-        elif isinstance(node, exp.Column):
-            self._column(node, frame)
-        elif isinstance(node, exp.Insert):
-            self._insert(node, frame)
-        elif isinstance(node, exp.Update):
-            self._update(node, frame)
-        elif isinstance(node, exp.Delete):
-            self._delete(node, frame)
-        elif isinstance(node, exp.Merge):
-            self._merge(node, frame)
-        elif isinstance(node, exp.Dot):
-            self._dot(node, frame)
-        elif isinstance(node, exp.Anonymous):
-            self._anonymous(node, frame, None)
-        elif isinstance(node, exp.Table):
-            # A relation outside FROM (e.g. TABLE in an odd position): fail closed by name.
-            self._register_table(node, frame)
-        elif isinstance(node, exp.Copy):
-            self._children(node, frame, skip=())
-        else:
-            self._children(node, frame, skip=())
+        # Dispatch on the exact node type; `_handler_for` picks the handler once per class.
+        handler = _HANDLERS.get(type(node))
+        if handler is None:
+            handler = _handler_for(type(node))
+        handler(self, node, frame)
+
+    def _set_operation(self, node: exp.SetOperation, frame: _Frame) -> None:
+        frame = self._with(node, frame)
+        self._children(node, frame, skip=("with_",))
+
+    def _table_reference(self, node: exp.Table, frame: _Frame) -> None:
+        # A relation outside FROM (e.g. TABLE in an odd position): fail closed by name.
+        self._register_table(node, frame)
+
+    def _plain_anonymous(self, node: exp.Anonymous, frame: _Frame) -> None:
+        self._anonymous(node, frame, None)
+
+    def _all_children(self, node: exp.Expression, frame: _Frame) -> None:
+        visit = self.visit
+        for value in node.args.values():
+            if isinstance(value, exp.Expression):
+                visit(value, frame)
+            elif isinstance(value, list):
+                for v in value:
+                    if isinstance(v, exp.Expression):
+                        visit(v, frame)
 
     def _children(self, node: exp.Expression, frame: _Frame, skip: tuple[str, ...]) -> None:
+        if not skip:
+            self._all_children(node, frame)
+            return
+        visit = self.visit
         for key, value in node.args.items():
             if key in skip or value is None:
                 continue
             if isinstance(value, exp.Expression):
-                self.visit(value, frame)
+                visit(value, frame)
             elif isinstance(value, list):
                 for v in value:
                     if isinstance(v, exp.Expression):
-                        self.visit(v, frame)
+                        visit(v, frame)
 
     def _with(self, node: exp.Expression, frame: _Frame) -> _Frame:
         w = node.args.get("with_")
@@ -500,7 +514,8 @@ class PiiResolver:
             self._touch(rel, name)
 
     def _unqualified(self, name: str, frame: _Frame) -> None:
-        for f in frame.chain():
+        f: _Frame | None = frame
+        while f is not None:
             known_here = False
             for alias, src in f.sources.items():
                 for rel in src.relations:
@@ -515,6 +530,7 @@ class PiiResolver:
                     known_here = True
             if known_here:
                 return
+            f = f.parent
 
     def _dot(self, node: exp.Dot, frame: _Frame) -> None:
         left, right = node.this, node.expression
@@ -685,6 +701,33 @@ class PiiResolver:
                     self._touch_all(src.relations)
         if isinstance(node.args.get("returning"), exp.Returning):
             self._returning(node.args["returning"], frame)
+
+
+_Handler = Callable[[PiiResolver, Any, _Frame], None]
+# `PiiResolver.visit` handlers by exact node type, in the isinstance order below.
+_HANDLERS: dict[type, _Handler] = {}
+_HANDLER_ORDER: tuple[tuple[type, _Handler], ...] = (
+    (exp.Select, PiiResolver._select),
+    (exp.SetOperation, PiiResolver._set_operation),
+    (exp.Column, PiiResolver._column),
+    (exp.Insert, PiiResolver._insert),
+    (exp.Update, PiiResolver._update),
+    (exp.Delete, PiiResolver._delete),
+    (exp.Merge, PiiResolver._merge),
+    (exp.Dot, PiiResolver._dot),
+    (exp.Anonymous, PiiResolver._plain_anonymous),
+    (exp.Table, PiiResolver._table_reference),
+)
+
+
+def _handler_for(cls: type) -> _Handler:
+    handler: _Handler = PiiResolver._all_children
+    for base, fn in _HANDLER_ORDER:
+        if issubclass(cls, base):
+            handler = fn
+            break
+    _HANDLERS[cls] = handler
+    return handler
 
 
 def _walk_skipping(node: exp.Expression, skip: exp.Expression | None) -> Iterator[exp.Expression]:
