@@ -653,10 +653,11 @@ class AuditSink:
                 n += 1
                 target = path.with_name(f"{path.name}.{stamp}.{n}")
             os.rename(path, target)
-            # The new file starts empty; its first event's prev is our last hash (in memory,
-            # and found in the newest rotated file after a restart).
+            # The new file starts empty (created now, so `tail --follow` finds it); its first
+            # event's prev is our last hash (found in the newest rotated file after a restart).
             self._needs_reopen = True
-        except OSError as exc:
+            self._open()
+        except (OSError, AuditError) as exc:
             self._failed(exc)
 
     def _close_file(self) -> None:

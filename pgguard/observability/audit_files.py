@@ -20,9 +20,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from pgguard.observability.audit import GENESIS, chain_hash
+from pgguard.observability.audit import GENESIS, chain_hash, rotated_files
 
 __all__ = ["VerifyResult", "follow_lines", "format_event", "matches", "tail", "verify_files"]
 
@@ -134,42 +134,68 @@ def format_event(event: dict[str, Any]) -> str:
 
 def follow_lines(path: Path, *, follow: bool, poll: float = 0.5) -> Iterator[bytes]:
     """The complete lines of `path`. With `follow`, yield `b""` each time the end is reached
-    (so the caller knows it has caught up), then keep yielding new lines as they are written,
-    reopening the file when it is rotated (a new inode at the same path)."""
-    f = path.open("rb")
+    (so the caller knows it has caught up), then keep yielding new lines as they are written.
+    When the file is rotated (a new inode at `path`, or none yet), the rest of the old file comes
+    first, then any rotated file we never saw (created and rotated between two polls), then the
+    new file."""
+    f: IO[bytes] | None = path.open("rb")
+    assert f is not None
     inode = os.fstat(f.fileno()).st_ino
-    partial = b""
+    seen: set[int | None] = {inode, *(_inode(p) for p in rotated_files(path))}
     try:
         while True:
-            chunk = f.readline()
-            if chunk:
-                partial += chunk
-                if partial.endswith(b"\n"):
-                    yield partial
-                    partial = b""
-                continue
+            if f is not None:
+                yield from _complete_lines(f)
             if not follow:
                 return
             yield b""
-            try:
-                st = path.stat()
-            except FileNotFoundError:
+            if f is not None and _inode(path) == inode:
                 time.sleep(poll)
                 continue
-            if st.st_ino != inode:
-                # Rotated: lines written to the old file after our last read come first.
-                for rest in f:
-                    partial += rest
-                    if partial.endswith(b"\n"):
-                        yield partial
-                        partial = b""
+            if f is not None:  # rotated: what was written to the old file after our last read
+                yield from _complete_lines(f)
                 f.close()
+                f = None
+            yield from _unseen_rotated(path, seen)
+            try:
                 f = path.open("rb")
-                inode, partial = os.fstat(f.fileno()).st_ino, b""
+            except FileNotFoundError:  # the next file is not there yet
+                time.sleep(poll)
                 continue
-            time.sleep(poll)
+            inode = os.fstat(f.fileno()).st_ino
+            seen.add(inode)
+            # A rotation between the scan and the open: those lines come before f's.
+            yield from _unseen_rotated(path, seen)
     finally:
-        f.close()
+        if f is not None:
+            f.close()
+
+
+def _complete_lines(f: IO[bytes]) -> Iterator[bytes]:
+    """Complete lines from the current position; a trailing partial line is left unread."""
+    while True:
+        pos = f.tell()
+        line = f.readline()
+        if not line.endswith(b"\n"):
+            f.seek(pos)
+            return
+        yield line
+
+
+def _unseen_rotated(path: Path, seen: set[int | None]) -> Iterator[bytes]:
+    for missed in rotated_files(path):
+        ino = _inode(missed)
+        if ino is not None and ino not in seen:
+            seen.add(ino)
+            with missed.open("rb") as m:
+                yield from (line for line in m if line.endswith(b"\n"))
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
 
 
 def tail(path: Path, *, follow: bool, users: Iterable[str] = (), events: Iterable[str] = (),
