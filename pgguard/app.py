@@ -234,11 +234,30 @@ class App:
 
         def on_statement(session: Session, c: Classification, decision: str,
                          rule: str | None) -> None:
+            """At the decision: count it; audit now what will not run (denied, held, …)."""
             metrics.count_statement(decision, c.classes)
-            if self.audit is not None:
+            if self.audit is not None and decision not in ("allowed", "released"):
                 self.audit.emit(ev.STATEMENT, session=session.id, user=session.user,
                                 client_addr=session.client_addr, classification=c,
                                 decision=decision, rule=rule)
+
+        def on_statement_done(session: Session, c: Classification, decision: str,
+                              rule: str | None, seconds: float, rows: int | None,
+                              error: str | None, stepup_event: object | None) -> None:
+            """When the server has answered a forwarded statement (hold time excluded)."""
+            metrics.statement_seconds.observe(seconds)
+            if self.audit is not None:
+                fields: dict[str, Any] = {}
+                if rows is not None:
+                    fields["rows"] = rows
+                if error is not None:
+                    fields["error"] = error
+                if stepup_event is not None:
+                    fields["stepup_event"] = stepup_event
+                self.audit.emit(ev.STATEMENT, session=session.id, user=session.user,
+                                client_addr=session.client_addr, classification=c,
+                                decision=decision, rule=rule, duration=round(seconds, 6),
+                                **fields)
 
         def on_session(session: Session, started: bool) -> None:
             metrics.client_connections.inc() if started else metrics.client_connections.dec()
@@ -268,6 +287,7 @@ class App:
 
         ctx.on_upstream_error = on_upstream_error
         ctx.on_statement = on_statement
+        ctx.on_statement_done = on_statement_done
         ctx.on_session = on_session
         self.holds.on_start = on_hold_start
         self.holds.on_end = on_hold_end

@@ -23,12 +23,21 @@ class ProxyProcess:
         self.via_socket = via_socket
         self.extra_args = extra_args
         self.port = free_port()
+        self.admin_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "pgguard.log"
 
     @property
     def host(self) -> str:
         return "127.0.0.1"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "pgguard.yaml"
 
     def dsn(self, user: str = "app", password: str | None = None, dbname: str = "app",
             **extra: str) -> str:
@@ -42,6 +51,7 @@ class ProxyProcess:
         }
         if self.via_socket:
             cfg["upstream_port"] = self.pg.port
+        cfg["admin"] = {"listen": f"127.0.0.1:{self.admin_port}"}
         cfg.update(self.config)
         cfg_path = self.workdir / "pgguard.yaml"
         # JSON is YAML: no extra dependency in the test harness to write it.

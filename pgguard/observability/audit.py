@@ -71,6 +71,7 @@ __all__ = [
     "AuditConfig",
     "AuditError",
     "AuditSink",
+    "EventRef",
     "canonical_json",
     "chain_hash",
     "format_ts",
@@ -297,10 +298,23 @@ def _truncate_partial_line(path: Path) -> None:
 # -- values --------------------------------------------------------------------------------------
 
 
+class EventRef:
+    """What `emit()` returns: the event's `id` once the writer has chained it. Pass it as a
+    field of a later event (`stepup_event=ref`) and that event records the id (the writer
+    handles events in order, so the id is known by then)."""
+
+    __slots__ = ("id",)
+
+    def __init__(self) -> None:
+        self.id: int | None = None
+
+
 def _jsonable(value: Any) -> Any:
     """Sets become sorted lists, enums their values, tuples lists, times RFC 3339."""
     if value is None or isinstance(value, bool | int | str):
         return value
+    if isinstance(value, EventRef):
+        return value.id
     if isinstance(value, float):
         return round(value, 6)
     if isinstance(value, enum.Enum):
@@ -467,7 +481,7 @@ class AuditSink:
 
     # -- the hot path ---------------------------------------------------------------------------
 
-    def emit(self, event: str, **fields: Any) -> None:
+    def emit(self, event: str, **fields: Any) -> EventRef:
         """Queue one event. Cheap: no I/O, no formatting. Values must not be mutated afterwards.
 
         `statement` events may pass `classification=` (expanded into classes, tables,
@@ -476,15 +490,18 @@ class AuditSink:
         if fields.keys() & FORBIDDEN_FIELDS:
             raise ValueError(f"audit fields {sorted(fields.keys() & FORBIDDEN_FIELDS)} are "
                              f"never written (DESIGN §7)")
+        ref = EventRef()
         if self._closed:
-            return
+            return ref
         if self._held + self._queue.qsize() >= self.config.max_pending:
             # The writer is stuck (disk gone?) and memory is not infinite: drop, say so (an
             # audit.gap event), and stay unhealthy so sensitive statements are refused.
             self._dropped_total += 1
             self._healthy = False
-            return
+            return ref
+        fields["_ref"] = ref
         self._queue.put((self._clock(), event, fields))
+        return ref
 
     # -- the writer thread ----------------------------------------------------------------------
 
@@ -585,8 +602,11 @@ class AuditSink:
         if event == STATEMENT:
             _statement_fields(fields, self.config.include_literals)
         record: dict[str, Any] = {"id": self._last_id + 1, "ts": format_ts(ts), "event": event}
+        ref = fields.get("_ref")
+        if ref is not None:
+            ref.id = record["id"]  # later events that point at this one read it (same thread)
         for k, v in fields.items():
-            if k not in ("id", "ts", "event", "prev", "hash"):
+            if k not in ("id", "ts", "event", "prev", "hash", "_ref"):
                 record[k] = _jsonable(v)
         record["prev"] = self._last_hash
         record["hash"] = chain_hash(record)

@@ -35,7 +35,7 @@ class Hold:
     since: float  # wall clock (time.time()), for the API
     started: float  # monotonic, for durations
     future: asyncio.Future[HoldOutcome] = field(repr=False)
-    released_by: int | None = None  # the stepup.success audit id that released it
+    released_by: object | None = None  # the stepup.success audit event (EventRef) that released it
 
 
 def hold_hint(session_id: str, url: str) -> str:
@@ -86,7 +86,8 @@ class HoldRegistry:
             hold.future.set_result(outcome)
         self.on_end(hold, outcome, time.monotonic() - hold.started)
 
-    def end(self, session_id: str, outcome: HoldOutcome, released_by: int | None = None) -> bool:
+    def end(self, session_id: str, outcome: HoldOutcome,
+            released_by: object | None = None) -> bool:
         """Resolve the session's hold (release, cancel, disconnect, shutdown)."""
         hold = self._holds.get(session_id)
         if hold is None:

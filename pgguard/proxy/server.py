@@ -84,6 +84,7 @@ class ProxyContext:
         self.on_statement: Callable[[Session, Classification, str, str | None], None] = (
             lambda session, c, decision, rule: None)
         self.on_session: Callable[[Session, bool], None] = lambda session, started: None
+        self.on_statement_done: Callable[..., None] = lambda *args: None
         self.audit_healthy: Callable[[], bool] = lambda: True
         self.by_id: dict[str, Session] = {}
         self._upstream_ssl = (upstream_ssl_context(config.upstream_tls.mode, config.upstream_tls.ca)
@@ -111,6 +112,11 @@ class ProxyContext:
     def statement_decided(self, session: Session, c: Classification, decision: str,
                           rule: str | None) -> None:
         self.on_statement(session, c, decision, rule)
+
+    def statement_done(self, session: Session, c: Classification, decision: str,
+                       rule: str | None, seconds: float, rows: int | None, error: str | None,
+                       stepup_event: object | None) -> None:
+        self.on_statement_done(session, c, decision, rule, seconds, rows, error, stepup_event)
 
     def session_ready(self, session: Session) -> None:
         self.by_id[session.id] = session

@@ -20,9 +20,10 @@ import contextlib
 import re
 import secrets
 import string
+import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -105,6 +106,27 @@ class _Marked:
     error: bytes  # the complete ErrorResponse that replaces the server's
 
 
+@dataclass(slots=True, eq=False)
+class _Tracked:
+    """A statement forwarded after a decision: completed (or failed) when its reply pops it,
+    for the audit's `statement` event (duration, rows) and pgguard_statement_seconds."""
+
+    kind: int
+    classification: Classification
+    decision: str  # allowed | released
+    rule: str | None
+    stepup_event: object | None
+    started: float = field(default_factory=time.monotonic)
+    rows: int | None = None
+    error: str | None = None  # SQLSTATE of the server's error, if any
+
+
+def _tag_rows(buf: bytes, start: int, end: int) -> int | None:
+    """Rows from a CommandComplete tag (`SELECT 5`, `INSERT 0 3`, `UPDATE 2`, `COPY 10`)."""
+    last = buf[start + 5 : end - 1].rpartition(b" ")[2]
+    return int(last) if last.isdigit() else None
+
+
 class _Side(asyncio.Protocol):
     """Transport callbacks of one direction, delegated to the session."""
 
@@ -162,7 +184,7 @@ class Session:
         self._our_pid: int | None = None
         self._params: dict[str, str] = {}
         self._encoding = "utf-8"
-        self._fifo: deque[int | _Marked] = deque()
+        self._fifo: deque[int | _Marked | _Tracked] = deque()
         # prepared statement name → (SQL text or None, its classification)
         self._statements: dict[bytes, tuple[str | None, Classification]] = {}
         self._portals: dict[bytes, list[Any]] = {}  # portal → [statement name, executed?]
@@ -213,6 +235,11 @@ class Session:
             self.ctx.cancels.release(self._our_pid)
         self.ctx.holds.end(self.id, HoldOutcome.SHUTDOWN if self._shutting_down
                            else HoldOutcome.DISCONNECT)
+        for e in self._fifo:  # statements the server never finished answering
+            if type(e) is _Tracked:
+                e.error = e.error or "08006"
+                self._finished(e)
+        self._fifo.clear()
         for t in self._tasks:
             t.cancel()
         if not self.done.done():
@@ -426,7 +453,7 @@ class Session:
             self._held = (kind, c, verdict)
             return HOLD
         self.ctx.statement_decided(self, c, "allowed", verdict.rule)
-        self._fifo.append(kind)
+        self._fifo.append(_Tracked(kind, c, "allowed", verdict.rule, None))
         if c.session_changes:
             self._facts.apply(c.session_changes)
         return FORWARD
@@ -461,6 +488,7 @@ class Session:
         ctx = self.ctx
         error: bytes | None = None
         outcome = HoldOutcome.RELEASED
+        stepup_event: object | None = None
         try:
             enrolled = await ctx.is_enrolled(self.user)
         except StateUnavailable:
@@ -484,6 +512,7 @@ class Session:
                     hint=hold_hint(self.id, url)))
             ctx.statement_decided(self, c, "held", need.rule)
             outcome = await ctx.holds.wait(hold, timeout)
+            stepup_event = hold.released_by
             if outcome is HoldOutcome.TIMEOUT:
                 error = m.error_response(
                     SqlState.INSUFFICIENT_PRIVILEGE,
@@ -502,7 +531,7 @@ class Session:
         self._held = None
         self._hold_task = None
         if error is None:
-            self._fifo.append(kind)
+            self._fifo.append(_Tracked(kind, c, "released", need.rule, stepup_event))
             if c.session_changes:
                 self._facts.apply(c.session_changes)
             out = self._cframer.resume(None)
@@ -544,8 +573,13 @@ class Session:
             self.txn_status = buf[start + 5 : start + 6]
             while fifo:
                 e = fifo.popleft()
-                k = e if type(e) is int else e.kind  # type: ignore[union-attr]
-                if k == K_SYNC or k == K_QUERY:
+                if type(e) is int:
+                    if e == K_SYNC:
+                        break
+                    continue
+                if type(e) is _Tracked:
+                    self._finished(e)
+                if e.kind == K_QUERY:  # type: ignore[union-attr]
                     break
             if self._shutting_down and not fifo and self.txn_status == b"I":
                 asyncio.get_running_loop().call_soon(self._shutdown_if_idle)
@@ -557,15 +591,24 @@ class Session:
         head = fifo[0]
         hk = head if type(head) is int else head.kind  # type: ignore[union-attr]
         if typ in (0x31, 0x32, 0x33, 0x6E, 0x73):  # ParseComplete BindComplete CloseComplete NoData PortalSuspended
-            fifo.popleft()
+            if type(fifo.popleft()) is _Tracked:
+                self._finished(head)  # type: ignore[arg-type]
         elif typ == 0x43 or typ == 0x49:  # CommandComplete, EmptyQueryResponse
+            if type(head) is _Tracked and typ == 0x43:
+                rows = _tag_rows(buf, start, end)
+                if rows is not None:
+                    head.rows = rows + (head.rows or 0)
             if hk == K_EXEC:
                 fifo.popleft()
+                if type(head) is _Tracked:
+                    self._finished(head)
         elif typ == 0x54:  # RowDescription
             if hk == K_DESCRIBE_S or hk == K_DESCRIBE_P:
                 fifo.popleft()
         elif typ == 0x45:  # ErrorResponse
             replacement = head.error if type(head) is _Marked else None
+            if type(head) is _Tracked:
+                head.error = m.parse_fields(buf, start, end).get("C", "")
             if hk != K_QUERY:
                 # Extended protocol: the server skips to Sync; drop what it will not answer.
                 while fifo:
@@ -573,6 +616,8 @@ class Session:
                     if (e if type(e) is int else e.kind) == K_SYNC:  # type: ignore[union-attr]
                         break
                     fifo.popleft()
+                    if type(e) is _Tracked:
+                        self._finished(e)
             self._client_copy_open = False
             return replacement
         elif typ == 0x47:  # CopyInResponse
@@ -586,6 +631,10 @@ class Session:
         elif typ == 0x53:
             self._track_parameter(buf, start, end)
         return FORWARD
+
+    def _finished(self, t: _Tracked) -> None:
+        self.ctx.statement_done(self, t.classification, t.decision, t.rule,
+                                time.monotonic() - t.started, t.rows, t.error, t.stepup_event)
 
     def _on_server_startup_frame(self, typ: int, buf: bytes, start: int, end: int) -> bytes | None:
         if typ == 0x52:  # Authentication*
