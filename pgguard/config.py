@@ -201,7 +201,7 @@ class AuditConfig:
     stdout: bool = False
 
 
-DEFAULT_STATE_FILE = "pgguard-state.db"
+DEFAULT_STATE_FILE = "state.db"
 DEFAULT_KEY_FILE = "pgguard.key"
 
 

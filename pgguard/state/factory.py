@@ -89,13 +89,15 @@ def key_file_path(key_file: str | None, base_dir: str | Path) -> Path:
 async def open_state_store_from_config(config: Config,
                                        env: Mapping[str, str] | None = None,
                                        clock: Callable[[], float] = time.time) -> StateStore:
-    """`open_state_store` with `state` and `secrets.key_file` from a loaded config; relative
-    paths are relative to the config file's folder (the working directory without a file)."""
-    raw = config.raw
-    base = config_base_dir(config)
-    secrets_section = raw.get("secrets") or {}
-    return await open_state_store(raw.get("state"), base_dir=base,
-                                  key_file=secrets_section.get("key_file"), env=env, clock=clock)
+    """Open the store of a loaded config: `config.state` and `config.secrets_key_file` are
+    already validated and absolute (pgguard.config resolves them against the config folder)."""
+    state = config.state
+    if state.kind != "sqlite" or not state.path:
+        raise ConfigError("state: the PostgreSQL state backend is not yet supported; "
+                          "use sqlite:///FILE or a file path")
+    key_file = config.secrets_key_file or str(config_base_dir(config) / DEFAULT_KEY_FILE)
+    box = await asyncio.to_thread(load_secret_key, Path(key_file), env)
+    return await SqliteStore.open(Path(state.path), box, clock=clock)
 
 
 def config_base_dir(config: Config) -> Path:

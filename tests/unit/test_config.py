@@ -99,7 +99,7 @@ def test_defaults_without_file_sections(tmp_path: Path) -> None:
     assert cfg.hold_timeout == 120.0 and cfg.stepup.scope == "client"
     assert cfg.admin.listen == HostPort("127.0.0.1", 9433)
     assert cfg.admin.base_url == "http://127.0.0.1:9433"
-    assert cfg.state.path == str(tmp_path / "pgguard-state.db")
+    assert cfg.state.path == str(tmp_path / "state.db")
     assert cfg.secrets_key_file == str(tmp_path / "pgguard.key")
 
 
