@@ -521,6 +521,9 @@ class Session:
             elif outcome is HoldOutcome.CANCEL:
                 error = m.error_response(SqlState.QUERY_CANCELED,
                                          "canceling statement due to user request")
+            elif outcome is HoldOutcome.SHUTDOWN:
+                self.close(fatal_shutdown())  # the held statement never ran
+                return
             elif outcome is not HoldOutcome.RELEASED:
                 return  # the session is ending
             ctx.statement_decided(self, c, _OUTCOME_DECISION[outcome], need.rule)
