@@ -1,4 +1,7 @@
 -- Sample schema for `make demo`: a small shop whose users, customers and cards hold PII.
+-- Run as the superuser on a fresh cluster: the tables belong to `app`; `analyst` is a second
+-- login that the demo policy lets read but not see PII (to show a denial).
+CREATE ROLE analyst LOGIN PASSWORD 'analyst';
 SET ROLE app;
 CREATE SCHEMA billing;
 CREATE TABLE public.users (id int PRIMARY KEY, name text, email text, phone text, ssn text,
@@ -33,4 +36,6 @@ INSERT INTO billing.cards
 SELECT i, i, '4111' || lpad(i::text, 12, '0'), lpad((i % 1000)::text, 3, '0'),
        DATE '2030-01-01', 'visa'
 FROM generate_series(1, 200) AS i;
+GRANT USAGE ON SCHEMA billing TO analyst;
+GRANT SELECT ON ALL TABLES IN SCHEMA public, billing TO analyst;
 RESET ROLE;
