@@ -94,6 +94,7 @@ def run_proxy_benchmarks(settings: BenchSettings) -> dict[str, Any]:
         tps = pgbench_compare.compare(targets, settings)
         report["versions"] = {**targets.versions, "pgbench": _pgbench_version()}
         report["skipped"] = targets.skipped
+        report["pgguard_audit_events"] = targets.audit_events()
         for name in ("pgguard", "relay"):
             if name in names:
                 report.setdefault("proxy_log_tail", {})[name] = targets.log_tail(name)[-1000:]
@@ -102,6 +103,10 @@ def run_proxy_benchmarks(settings: BenchSettings) -> dict[str, Any]:
                   targets=speed_targets(tps, lat, report["skipped"]),
                   elapsed_seconds=round(time.monotonic() - started, 1))
     print()
+    if "pgguard" in names:
+        audit = report["pgguard_audit_events"]
+        print(f"pgguard: {report['versions'].get('pgguard_config')}"
+              + ("" if audit is None else f"; {audit} audit events written"))
     print(pgbench_compare.format_table(tps, names, settings.repeats))
     print()
     print(latency.format_table(lat))

@@ -13,6 +13,7 @@ left out with its reason (`skipped`) and every other column is still measured.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -54,6 +55,7 @@ class BenchSettings:
     latency_queries: int = 20000  # BENCH_LATENCY_N: timed SELECT 1 round trips per target
     server: str = "debian"      # BENCH_PG: debian (PostgreSQL 15, as pgbench) or embedded (18)
     pgguard_config: str | None = None  # BENCH_PGGUARD_CONFIG: `pgguard run --config FILE`
+    policy: str = "realistic"   # BENCH_POLICY: realistic (roles, PII, audit on) or none
     strict: bool = False        # BENCH_STRICT=1: exit 1 when a speed target is missed
     profile: str | None = None  # BENCH_PROFILE=FILE: run pgguard under cProfile, stats to FILE
 
@@ -75,6 +77,7 @@ class BenchSettings:
             latency_queries=int(env.get("BENCH_LATENCY_N", "20000")),
             server=env.get("BENCH_PG", "debian"),
             pgguard_config=env.get("BENCH_PGGUARD_CONFIG") or None,
+            policy=env.get("BENCH_POLICY", "realistic"),
             strict=env.get("BENCH_STRICT", "") in ("1", "true", "yes"),
             profile=str(Path(env["BENCH_PROFILE"]).resolve()) if env.get("BENCH_PROFILE") else None,
         )
@@ -375,10 +378,56 @@ class BenchTargets:
             # cProfile writes its stats when pgguard exits on our SIGTERM. Its overhead makes
             # the numbers of such a run useless as measurements: it is for finding hot spots.
             argv[1:1] = ["-m", "cProfile", "-o", self.settings.profile]
-        if self.settings.pgguard_config:
-            argv += ["--config", str(Path(self.settings.pgguard_config).resolve())]
+        config = (Path(self.settings.pgguard_config).resolve() if self.settings.pgguard_config
+                  else self._write_pgguard_config())
+        argv += ["--config", str(config)]
+        self.versions["pgguard_config"] = (str(config) if self.settings.pgguard_config
+                                           else f"generated, policy {self.settings.policy}")
         self.versions["pgguard"] = _git_describe()
         return self._start_python_proxy("pgguard", argv)
+
+    def _write_pgguard_config(self) -> Path:
+        """pgguard.yaml in the work folder (JSON is YAML). The admin server gets a free port so
+        a pgguard already on the default 9433 does not stop this one; state, key and audit
+        files land beside the config. `realistic`: what a deployment runs, so the benchmark
+        pays for classification, the PII resolver, the policy decision and the audit trail;
+        every statement pgbench and the latency test send is a read that needs no step-up."""
+        home = self.workdir / "pgguard-config"
+        home.mkdir()
+        cfg: dict[str, object] = {"admin": {"listen": f"127.0.0.1:{free_port()}"},
+                                  "tls": {"mode": "disable"}}
+        if self.settings.policy == "realistic":
+            cfg.update({
+                "audit": {"path": str(home / "audit" / "audit.jsonl"), "include_literals": False,
+                          "fsync": "interval", "stdout": False},
+                # PII on a column pgbench -S never reads: the resolver runs, nothing is held.
+                "pii": {"tables": {"public.pgbench_accounts": ["filler"],
+                                   "public.users": ["email", "phone"]}},
+                "roles": {
+                    "developer": {"users": [USER], "allow": ["read", "write", "tx", "pii"],
+                                  "step_up": {"pii": "15m", "write": "10m"}},
+                    "dba": {"users": ["postgres"], "allow": "all",
+                            "step_up": {"ddl": "0s", "admin": "0s", "unknown": "0s"}},
+                },
+                "default_role": "developer",
+                "hold": {"timeout": "120s"},
+            })
+        elif self.settings.policy != "none":
+            raise SystemExit("BENCH_POLICY must be realistic or none")
+        path = home / "pgguard.yaml"
+        path.write_text(json.dumps(cfg, indent=1))
+        return path
+
+    def audit_events(self) -> int | None:
+        """Lines in the generated config's audit trail so far: proof the audit was on."""
+        folder = self.workdir / "pgguard-config" / "audit"
+        if self.settings.pgguard_config or not folder.exists():
+            return None
+        total = 0
+        for path in folder.iterdir():
+            with open(path, "rb") as f:
+                total += sum(chunk.count(b"\n") for chunk in iter(lambda f=f: f.read(1 << 20), b""))
+        return total
 
     def _start_relay(self) -> Target:
         return self._start_python_proxy("relay", [sys.executable, "-m", "benchmarks.bare_relay"])
