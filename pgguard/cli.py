@@ -52,7 +52,14 @@ def run(config_file: str | None, listen: str | None, upstream: str | None,
         path = None  # flags alone are a complete configuration
     config = load_config(path, {"listen": listen, "upstream": upstream,
                                 "upstream_port": upstream_port})
-    sys.exit(app.run(config))
+    from pgguard.observability.audit import AuditError
+
+    try:
+        code = app.run(config)
+    except AuditError as exc:  # the trail's last line cannot be continued: nothing started
+        click.echo(f"pgguard: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code)
 
 
 @cli.command()
@@ -132,6 +139,27 @@ def audit_tail(file: Path, follow: bool, users: tuple[str, ...], events: tuple[s
 
 
 @cli.command()
+@click.argument("files", nargs=-1, required=True, metavar="AUDIT_FILE...",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--config", "config_file", metavar="NEW.yaml", required=True,
+              help="The configuration to replay under (its policy, PII rules and catalog).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per changed statement.")
+def replay(files: tuple[Path, ...], config_file: str, as_json: bool) -> None:
+    """Re-decide the recorded statements of AUDIT_FILE (or rotated files, oldest first) under
+    NEW.yaml's policy, as a fresh session would (no grants), and print those whose decision
+    (allow, deny, step_up) would change. Redacted literals (<redacted>) are classified as the
+    neutral literal '' (a literal's value never decides a class). Exit 0; 2 on a bad config or
+    an unreadable file."""
+    from pgguard.config import find_config_file, load_config
+    from pgguard.explain import _catalog
+    from pgguard.observability.replay import run_replay
+
+    config = load_config(find_config_file(config_file))
+    sys.exit(run_replay(list(files), config, as_json=as_json, out=sys.stdout, err=sys.stderr,
+                        catalog=_catalog(config)))
+
+
+@cli.command()
 @click.argument("user", required=False)
 @click.option("--force", is_flag=True, help="Replace an existing authenticator.")
 @click.option("--revoke", is_flag=True, help="Remove the user's authenticator.")
@@ -143,9 +171,12 @@ def enroll(user: str | None, force: bool, revoke: bool, list_users: bool, as_jso
            config_file: str | None) -> None:
     """Give USER a TOTP authenticator: prints the otpauth:// URI and a QR code."""
     from pgguard.enrollment import run_enroll
+    from pgguard.observability.audit_enroll import audit_enroll_hook
 
-    sys.exit(run_enroll(user, force=force, revoke=revoke, list_users=list_users,
-                        as_json=as_json, config_file=config_file))
+    with audit_enroll_hook(config_file) as on_event:
+        code = run_enroll(user, force=force, revoke=revoke, list_users=list_users,
+                          as_json=as_json, config_file=config_file, on_event=on_event)
+    sys.exit(code)
 
 
 @cli.command()

@@ -72,18 +72,28 @@ class ClassificationCache:
         self._entries.clear()
         self._chars = 0
 
-    def classify(self, sql: str, session: SessionFacts | None = None, *,
-                 parse_message: bool = False) -> Classification:
-        """Classify `sql` for `session` (a Query string, or a Parse's text with
-        `parse_message=True`). The caller applies `result.session_changes` to its
-        `SessionFacts` once it forwards the message."""
+    def lookup(self, sql: str, session: SessionFacts | None = None,
+               parse_message: bool = False) -> Classification | None:
+        """The cached classification (counted as a hit), or None: `classify()` would parse.
+        Lets the caller time only the misses (pgguard_classify_seconds)."""
         key = (sql, session.standard_conforming_strings if session is not None else True,
                parse_message)
         hit = self._entries.get(key)
         if hit is not None:
             self.hits += 1
             self._entries.move_to_end(key)
+        return hit
+
+    def classify(self, sql: str, session: SessionFacts | None = None, *,
+                 parse_message: bool = False) -> Classification:
+        """Classify `sql` for `session` (a Query string, or a Parse's text with
+        `parse_message=True`). The caller applies `result.session_changes` to its
+        `SessionFacts` once it forwards the message."""
+        hit = self.lookup(sql, session, parse_message)
+        if hit is not None:
             return hit
+        key = (sql, session.standard_conforming_strings if session is not None else True,
+               parse_message)
         self.misses += 1
         result = classify(sql, self.rules, self.catalog, session,
                           max_sql_bytes=self.max_sql_bytes, single_statement=parse_message)

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import enum
+import fcntl
 import hashlib
 import json
 import logging
@@ -390,6 +391,7 @@ class AuditSink:
         self._last_fsync = 0.0
         self._dirty = False
         self._needs_reopen = True
+        self._size = 0  # the file's size after our last write: larger means another writer
         self.last_error: str | None = None
 
     # -- public state ---------------------------------------------------------------------------
@@ -566,6 +568,8 @@ class AuditSink:
         try:
             if self._needs_reopen and self.config.path is not None:
                 self._open()
+            if self._file is not None:
+                self._lock_for_append()
             lines: list[bytes] = []
             dropped = self._dropped_total - self._dropped_written
             if dropped:
@@ -577,6 +581,7 @@ class AuditSink:
             if self._file is not None and data:
                 self._file.write(data)
                 self._file.flush()
+                self._size = os.fstat(self._file.fileno()).st_size
                 self._dirty = True
                 if self.config.fsync == "every":
                     self._fsync()
@@ -591,6 +596,9 @@ class AuditSink:
             self._last_id, self._last_hash = last_id, last_hash
             self._failed(exc)
             return False
+        finally:
+            if self._file is not None:
+                _flock(self._file, fcntl.LOCK_UN)
         if not self._healthy:
             log.warning("audit: writing to %s works again", self.config.path)
         self._healthy = True
@@ -638,13 +646,46 @@ class AuditSink:
     def _open(self) -> None:
         assert self.config.path is not None
         self._close_file()
-        # After a failed write the file may end in half a line, or have been replaced: pick the
-        # chain up from what is actually on disk.
-        self._resume_chain()
         self.config.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.config.path, "ab")  # owned by the sink until _close_file
+        f = open(self.config.path, "ab")  # owned by the sink until _close_file
+        try:
+            # After a failed write the file may end in half a line, or have been replaced: pick
+            # the chain up from what is actually on disk (under the lock: see _lock_for_append).
+            _flock(f, fcntl.LOCK_EX)
+            self._resume_chain()
+            self._size = os.fstat(f.fileno()).st_size
+            _flock(f, fcntl.LOCK_UN)
+        except BaseException:
+            f.close()
+            raise
+        self._file = f
         self._needs_reopen = False
         self._last_fsync = time.monotonic()
+
+    def _lock_for_append(self) -> None:
+        """Other processes append to the same trail (`pgguard enroll` writes its `enroll` event
+        while the proxy runs), so every writer holds the file's flock while it chains and
+        writes, and first makes sure it continues the file as it is now: re-opened if it was
+        rotated away, the chain re-read if another process appended since our last write.
+        The caller unlocks (closing the file does too)."""
+        assert self.config.path is not None
+        for _ in range(5):
+            f = self._file
+            assert f is not None
+            _flock(f, fcntl.LOCK_EX)
+            mine = os.fstat(f.fileno())
+            try:
+                current = os.stat(self.config.path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino,
+                                                                            mine.st_dev):
+                if mine.st_size != self._size:
+                    self._resume_chain()
+                    self._size = os.fstat(f.fileno()).st_size
+                return
+            self._open()  # rotated by another writer: closing releases the old file's lock
+        raise AuditError("the audit file keeps being replaced")
 
     def _fsync(self) -> None:
         if self._file is not None:
@@ -665,7 +706,8 @@ class AuditSink:
             return
         try:
             self._fsync()
-            self._close_file()
+            # Rename under the lock: a writer waiting for it then sees the path moved on.
+            _flock(self._file, fcntl.LOCK_EX)
             stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
             target = path.with_name(f"{path.name}.{stamp}")
             n = 0
@@ -673,6 +715,7 @@ class AuditSink:
                 n += 1
                 target = path.with_name(f"{path.name}.{stamp}.{n}")
             os.rename(path, target)
+            self._close_file()
             # The new file starts empty (created now, so `tail --follow` finds it); its first
             # event's prev is our last hash (found in the newest rotated file after a restart).
             self._needs_reopen = True
@@ -689,6 +732,12 @@ class AuditSink:
                     self._dirty = False
             with contextlib.suppress(OSError):
                 f.close()
+
+
+def _flock(f: IO[bytes], op: int) -> None:
+    """Best effort: a file system without flock only loses the guard against other writers."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(f.fileno(), op)
 
 
 def iter_events(lines: Iterable[bytes]) -> Iterable[dict[str, Any]]:

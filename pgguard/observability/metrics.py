@@ -142,7 +142,8 @@ class Metrics:
             "Statement time end to end through pgguard (hold time excluded).",
             buckets=STATEMENT_BUCKETS, registry=registry)
         self.classify_seconds = Histogram(
-            "pgguard_classify_seconds", "Time to classify one message (cache hits included).",
+            "pgguard_classify_seconds",
+            "Time to classify one message that missed the cache (hits are not timed).",
             buckets=CLASSIFY_BUCKETS, registry=registry)
 
         cache = Counter("pgguard_classify_cache_total", "Classification cache lookups.",

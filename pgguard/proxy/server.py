@@ -15,8 +15,9 @@ import contextlib
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -28,6 +29,9 @@ from pgguard.proxy.cancel import CancelRegistry
 from pgguard.proxy.guard import Guard
 from pgguard.proxy.holds import HoldRegistry
 from pgguard.proxy.session import Session
+
+if TYPE_CHECKING:
+    from pgguard.observability.metrics import Metrics
 
 log = structlog.get_logger("pgguard.server")
 
@@ -86,6 +90,9 @@ class ProxyContext:
         self.on_session: Callable[[Session, bool], None] = lambda session, started: None
         self.on_statement_done: Callable[..., None] = lambda *args: None
         self.audit_healthy: Callable[[], bool] = lambda: True
+        # Set by app.py (pgguard.observability.metrics.Metrics): classification cache hits and
+        # misses, and the time of each miss. None: not counted.
+        self.metrics: Metrics | None = None
         self.by_id: dict[str, Session] = {}
         self._upstream_ssl = (upstream_ssl_context(config.upstream_tls.mode, config.upstream_tls.ca)
                               if config.upstream_tls.mode != "disable" else None)
@@ -107,7 +114,19 @@ class ProxyContext:
     # -- session bookkeeping --------------------------------------------------------------------
 
     def classify(self, sql: str, facts: SessionFacts, parse_message: bool) -> Classification:
-        return self.classifier.classify(sql, facts, parse_message=parse_message)
+        metrics = self.metrics
+        if metrics is None:
+            return self.classifier.classify(sql, facts, parse_message=parse_message)
+        # A hit is one dict lookup: count it, no clock. Only a miss (a parse) is timed.
+        hit = self.classifier.lookup(sql, facts, parse_message)
+        if hit is not None:
+            metrics.classify_cache["hit"].inc()
+            return hit
+        start = time.perf_counter()
+        result = self.classifier.classify(sql, facts, parse_message=parse_message)
+        metrics.classify_seconds.observe(time.perf_counter() - start)
+        metrics.classify_cache["miss"].inc()
+        return result
 
     def statement_decided(self, session: Session, c: Classification, decision: str,
                           rule: str | None) -> None:
