@@ -120,10 +120,12 @@ def _pgguard_command() -> str:
 
 
 def _enroll(config: Config) -> NewEnrollment:
-    """Enroll the demo user in the demo's own state store (what `pgguard enroll app` does)."""
+    """Enroll the demo user in the demo's own state store and audit it, as `pgguard enroll app`
+    does."""
     import time
 
-    from pgguard.enrollment import enroll_user
+    from pgguard.enrollment import EnrollEvent, enroll_user
+    from pgguard.observability.audit_enroll import audit_enroll_hook
     from pgguard.state.factory import open_state_store_from_config
 
     async def run() -> NewEnrollment:
@@ -133,7 +135,11 @@ def _enroll(config: Config) -> NewEnrollment:
         finally:
             await store.close()
 
-    return asyncio.run(run())
+    new = asyncio.run(run())
+    with audit_enroll_hook(str(config.path)) as on_event:
+        if on_event is not None:
+            on_event(EnrollEvent("enroll", new.user, new.created_at, replaced=new.replaced))
+    return new
 
 
 def instructions(pg: LocalPostgres, ports: DemoPorts, workdir: Path, config_path: Path,

@@ -124,6 +124,10 @@ def test_demo_first_step_up_and_ctrl_c(tmp_path: Path) -> None:
                                 capture_output=True, text=True, timeout=30)
         assert verify.returncode == 0, verify.stderr
         assert re.fullmatch(r"ok \d+ events\n", verify.stdout)
+        events = audit.read_text()
+        for event in ("enroll", "hold.start", "stepup.success", "hold.end", "statement"):
+            assert f'"event":"{event}"' in events, event
+        assert secret not in events
 
         # 3. Ctrl-C stops everything it started
         demo.send_signal(signal.SIGINT)
