@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -23,7 +24,8 @@ from prometheus_client import CollectorRegistry
 from pgguard.admin.probe import probe_upstream
 from pgguard.admin.server import AdminServer, build_admin_app, start_admin
 from pgguard.admin.stepup import add_stepup_routes
-from pgguard.classify import Classification, StatementClass
+from pgguard.classify import Classification, ClassificationCache, StatementClass
+from pgguard.classify.catalog import DEFAULT_COMMENT_TAG
 from pgguard.classify.gucs import guc_is_harmless
 from pgguard.config import Config, reload_config
 from pgguard.elevation import Elevation, iso
@@ -37,6 +39,7 @@ from pgguard.proxy.guard import Guard, PolicyGuard, RefusePattern
 from pgguard.proxy.holds import Hold, HoldOutcome, HoldRegistry
 from pgguard.proxy.server import ProxyContext, ProxyServer
 from pgguard.proxy.session import Session, fatal_shutdown
+from pgguard.state.catalog import diff_pii_columns, load_catalog, validate_rules
 from pgguard.state.factory import open_state_store_from_config
 from pgguard.state.store import Grant, StateStore
 
@@ -101,6 +104,7 @@ class App:
         self.ctx = ProxyContext(config, guard, LocalCancelRegistry(), guc_is_harmless,
                                 holds=self.holds)
         self.ctx.hold_timeout = config.hold_timeout
+        self.ctx.metrics = self.metrics
         self.server = ProxyServer(self.ctx)
         self.store: StateStore | Any = _UnavailableStore("not opened yet")
         self.audit: AuditSink | None = None
@@ -109,6 +113,7 @@ class App:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._config_mtime = _mtime(config.path)
+        self.catalog_error: str | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -136,10 +141,53 @@ class App:
                                    _Sessions(self.ctx), self.grants, audit=self.audit,
                                    metrics=self.metrics)
         self._wire_observers()
+        await self._load_catalog(first=True)
         await self.server.start()
         await self._start_admin()
         self._spawn(self._watch_config())
         self._spawn(self._housekeeping())
+        if self.config.catalog.get("dsn"):
+            self._spawn(self._refresh_catalog())
+
+    # -- schema-aware mode (catalog.dsn) --------------------------------------------------------
+
+    async def _load_catalog(self, first: bool = False) -> None:
+        """Load or refresh the catalog snapshot of `catalog.dsn`; report PII columns that
+        disappeared. A failure keeps the previous snapshot (and /readyz says so at start)."""
+        dsn = self.config.catalog.get("dsn")
+        if not dsn:
+            self.ctx.catalog_classifier = None
+            return
+        tag = self.config.catalog.get("comment_tag") or DEFAULT_COMMENT_TAG
+        try:
+            snapshot = await load_catalog(dsn, tag, deadline=10.0)
+        except Exception as exc:  # asyncpg and OS errors alike: keep serving, say so
+            self.catalog_error = f"catalog {_dsn_for_log(dsn)}: {exc}"
+            log.error("catalog.load_failed", error=self.catalog_error)
+            return
+        self.catalog_error = None
+        rules = self.config.pii_rules
+        cache = self.ctx.catalog_classifier
+        if cache is None:
+            self.ctx.catalog_classifier = ClassificationCache(
+                rules, catalog=snapshot, max_sql_bytes=self.config.limits.max_sql_bytes)
+            self.ctx.catalog_database = _dsn_database(dsn)
+            for problem in validate_rules(rules, snapshot):
+                log.warning("catalog.rule_mismatch", problem=problem)
+        else:
+            old = cache.catalog
+            if old is not None:
+                for change in diff_pii_columns(rules, old, snapshot):
+                    log.warning("catalog.pii_column_gone", column=change.column, why=change.why)
+            cache.update(rules=rules, catalog=snapshot)
+        log.info("catalog.loaded", database=self.ctx.catalog_database,
+                 relations=len(snapshot.relations), first=first)
+
+    async def _refresh_catalog(self) -> None:
+        while True:
+            interval = float(self.config.catalog.get("refresh") or 300.0)
+            await asyncio.sleep(interval if self.catalog_error is None else min(interval, 10.0))
+            await self._load_catalog()
 
     async def _open_store(self) -> None:
         try:
@@ -175,6 +223,8 @@ class App:
                 return False, f"state store: {exc}"
             if self.audit is not None and not self.audit.healthy:
                 return False, "the audit trail cannot be written"
+            if self.catalog_error is not None:
+                return False, self.catalog_error
             return True, "ok"
 
         app = build_admin_app(self.registry, readiness, token)
@@ -319,6 +369,7 @@ class App:
         self.ctx.config = new
         self.ctx.hold_timeout = new.hold_timeout
         self.ctx.classifier.update(rules=new.pii_rules)
+        self._spawn(self._load_catalog())  # SIGHUP also refreshes the catalog snapshot
         self.metrics.policy_reloads["ok"].inc()
         log.info("policy.reloaded", changed=list(result.changed))
         if self.audit is not None:
@@ -339,6 +390,23 @@ class App:
             self.grants.prune(now)
             with contextlib.suppress(StateUnavailable):
                 await self.store.prune(now)
+
+
+def _dsn_database(dsn: str) -> str | None:
+    """The database a postgresql:// URL names (the path), else its user."""
+    parts = urlsplit(dsn)
+    name = parts.path.lstrip("/")
+    return unquote(name) if name else (unquote(parts.username) if parts.username else None)
+
+
+def _dsn_for_log(dsn: str) -> str:
+    """The DSN without its password."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    host = parts.hostname or ""
+    netloc = f"{parts.username}@{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
 
 
 def _mtime(path: Path | None) -> float | None:

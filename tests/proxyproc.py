@@ -51,8 +51,10 @@ class ProxyProcess:
         }
         if self.via_socket:
             cfg["upstream_port"] = self.pg.port
-        cfg["admin"] = {"listen": f"127.0.0.1:{self.admin_port}"}
+        admin = {"listen": f"127.0.0.1:{self.admin_port}", **self.config.get("admin", {})}
+        self.admin_port = int(str(admin["listen"]).rpartition(":")[2])
         cfg.update(self.config)
+        cfg["admin"] = admin
         cfg_path = self.workdir / "pgguard.yaml"
         # JSON is YAML: no extra dependency in the test harness to write it.
         cfg_path.write_text(json.dumps(cfg, indent=1))
@@ -67,8 +69,11 @@ class ProxyProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pgguard exited ({self.proc.returncode}):\n{self.log()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
+                # the proxy listens first, the admin server right after: wait for both
+                for port in (self.port, self.admin_port):
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                        pass
+                return
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"pgguard did not listen in {timeout} s:\n{self.log()}")

@@ -92,18 +92,25 @@ class ClassificationCache:
         hit = self.lookup(sql, session, parse_message)
         if hit is not None:
             return hit
-        key = (sql, session.standard_conforming_strings if session is not None else True,
-               parse_message)
         self.misses += 1
         result = classify(sql, self.rules, self.catalog, session,
                           max_sql_bytes=self.max_sql_bytes, single_statement=parse_message)
-        if not result.session_dependent and len(sql) <= self.max_chars:
-            self._entries[key] = result
-            self._chars += len(sql)
-            while len(self._entries) > self.max_entries or self._chars > self.max_chars:
-                old_key, _ = self._entries.popitem(last=False)
-                self._chars -= len(old_key[0])
+        self.put(sql, session, parse_message, result)
         return result
+
+    def put(self, sql: str, session: SessionFacts | None, parse_message: bool,
+            result: Classification) -> None:
+        """Remember a classification made elsewhere (a worker process, for long statements)."""
+        if result.session_dependent or len(sql) > self.max_chars:
+            return
+        key = (sql, session.standard_conforming_strings if session is not None else True,
+               parse_message)
+        if key not in self._entries:
+            self._chars += len(sql)
+        self._entries[key] = result
+        while len(self._entries) > self.max_entries or self._chars > self.max_chars:
+            old_key, _ = self._entries.popitem(last=False)
+            self._chars -= len(old_key[0])
 
     def stats(self) -> CacheStats:
         return CacheStats(self.hits, self.misses, len(self._entries), self._chars, self.epoch)

@@ -31,6 +31,7 @@ __all__ = [
     "data_row",
     "error_response",
     "execute",
+    "flush",
     "negotiate_protocol_version",
     "notice_response",
     "parameter_status",
@@ -353,3 +354,7 @@ def sync() -> bytes:
 
 def terminate() -> bytes:
     return b"X\0\0\0\x04"
+
+
+def flush() -> bytes:
+    return b"H\0\0\0\x04"

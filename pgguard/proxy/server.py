@@ -12,16 +12,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
+import pickle
 import socket
 import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from pgguard.classify import Classification, ClassificationCache, PiiRules, SessionFacts
+from pgguard.classify import (
+    CatalogSnapshot,
+    Classification,
+    ClassificationCache,
+    PiiRules,
+    SessionFacts,
+    StatementClass,
+    classify,
+)
 from pgguard.config import Config
 from pgguard.errors import SqlState, UpstreamError
 from pgguard.protocol import messages as m
@@ -62,6 +74,24 @@ async def _not_enrolled(user: str) -> bool:
     return False
 
 
+# Statements longer than this that are not cached are classified in a worker process: a cold
+# parse costs ~2 ms per KB (benchmarks/README.md), and the event loop serves every session.
+OFFLOAD_CHARS = 16 * 1024
+OFFLOAD_TIMEOUT = 60.0
+
+_OFFLOAD_FAILED = Classification(
+    classes=frozenset({StatementClass.UNKNOWN}), statements=(),
+    redacted_sql="<not classified>",
+    reason="the statement could not be classified (classifier worker failed)")
+
+
+def _classify_in_worker(sql: str, rules: PiiRules, catalog: CatalogSnapshot | None,
+                        facts: SessionFacts, max_sql_bytes: int | None,
+                        parse_message: bool) -> Classification:
+    return classify(sql, rules, catalog, facts, max_sql_bytes=max_sql_bytes,
+                    single_statement=parse_message)
+
+
 class ProxyContext:
     """What every session shares: configuration, the guard, the cancel registry, the upstream
     connector. Cross-session state lives behind interfaces (CancelRegistry, later the store)."""
@@ -77,6 +107,11 @@ class ProxyContext:
         self.classifier = classifier or ClassificationCache(
             PiiRules.from_config(config.pii), max_sql_bytes=config.limits.max_sql_bytes)
         self.holds = holds if holds is not None else HoldRegistry()
+        # Schema-aware classification for the catalog's database (set by app.py).
+        self.catalog_classifier: ClassificationCache | None = None
+        self.catalog_database: str | None = None
+        self.offload_chars = OFFLOAD_CHARS
+        self._pool: ProcessPoolExecutor | None = None
         self.hold_timeout = 120.0
         self.sessions: set[Session] = set()
         self.on_upstream_error: Callable[[str], None] = lambda kind: None
@@ -113,20 +148,64 @@ class ProxyContext:
 
     # -- session bookkeeping --------------------------------------------------------------------
 
-    def classify(self, sql: str, facts: SessionFacts, parse_message: bool) -> Classification:
+    def cache_for(self, database: str) -> ClassificationCache:
+        """The catalog applies to the database `catalog.dsn` names; others get the rules alone."""
+        if self.catalog_classifier is not None and database == self.catalog_database:
+            return self.catalog_classifier
+        return self.classifier
+
+    def classify(self, sql: str, facts: SessionFacts, parse_message: bool,
+                 cache: ClassificationCache | None = None) -> Classification | None:
+        """The classification, or None when `sql` is long and not cached: then the caller
+        holds the message and awaits `classify_offloaded` (a long parse must not stall every
+        other session on this event loop)."""
+        if cache is None:
+            cache = self.classifier
         metrics = self.metrics
-        if metrics is None:
-            return self.classifier.classify(sql, facts, parse_message=parse_message)
         # A hit is one dict lookup: count it, no clock. Only a miss (a parse) is timed.
-        hit = self.classifier.lookup(sql, facts, parse_message)
+        hit = cache.lookup(sql, facts, parse_message)
         if hit is not None:
-            metrics.classify_cache["hit"].inc()
+            if metrics is not None:
+                metrics.classify_cache["hit"].inc()
             return hit
+        if len(sql) > self.offload_chars and len(sql) <= self.config.limits.max_sql_bytes:
+            return None
         start = time.perf_counter()
-        result = self.classifier.classify(sql, facts, parse_message=parse_message)
-        metrics.classify_seconds.observe(time.perf_counter() - start)
-        metrics.classify_cache["miss"].inc()
+        result = cache.classify(sql, facts, parse_message=parse_message)
+        if metrics is not None:
+            metrics.classify_seconds.observe(time.perf_counter() - start)
+            metrics.classify_cache["miss"].inc()
         return result
+
+    async def classify_offloaded(self, sql: str, facts: SessionFacts, parse_message: bool,
+                                 cache: ClassificationCache) -> Classification:
+        """Classify in a worker process; any failure there is UNKNOWN (fail closed)."""
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        try:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            async with asyncio.timeout(OFFLOAD_TIMEOUT):
+                result = await loop.run_in_executor(
+                    self._pool, _classify_in_worker, sql, cache.rules, cache.catalog, facts,
+                    cache.max_sql_bytes, parse_message)
+        except (TimeoutError, BrokenProcessPool, OSError, pickle.PickleError) as exc:
+            log.warning("classify.offload_failed", error=repr(exc))
+            if isinstance(exc, BrokenProcessPool | TimeoutError) and self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+            return _OFFLOAD_FAILED
+        if self.metrics is not None:
+            self.metrics.classify_seconds.observe(time.perf_counter() - start)
+            self.metrics.classify_cache["miss"].inc()
+        cache.put(sql, facts, parse_message, result)
+        return result
+
+    def close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def statement_decided(self, session: Session, c: Classification, decision: str,
                           rule: str | None) -> None:

@@ -192,6 +192,10 @@ class Session:
         # The statement being held: (FIFO kind, classification, verdict); its hold task.
         self._held: tuple[int, Classification, NeedStepUp] | None = None
         self._hold_task: asyncio.Task[None] | None = None
+        # A long statement being classified in a worker: (kind, text, parse?, statement name).
+        self._offload: tuple[int, str | None, bool, bytes] | None = None
+        self._offload_task: asyncio.Task[None] | None = None
+        self._cache = ctx.classifier
         self._client_copy_open = False
         self._paused = [0, 0]  # read-pause reasons, [client, server] (bit 1: peer buffer full)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -261,7 +265,7 @@ class Session:
 
     def _idle(self) -> bool:
         return (self.state == READY and not self._fifo and self.txn_status == b"I"
-                and self._cframer.idle and self._held is None)
+                and self._cframer.idle and self._held is None and self._offload is None)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -329,6 +333,7 @@ class Session:
         check_startup(msg.params, self.ctx.setting_is_harmless)
         self.user = msg.params["user"]
         self.database = msg.params.get("database") or self.user
+        self._cache = self.ctx.cache_for(self.database)
         self._client_minor = msg.minor
         startup = msg.raw
         if msg.minor > m.NEWEST_MINOR:
@@ -375,19 +380,24 @@ class Session:
                 return m.query(self._show_substitute(sql))
             text = self._decode(sql)
             c = self._classify(text, False)
+            if c is None:
+                self._offload = (K_QUERY, text, False, b"")
+                return HOLD
             return self._decide(K_QUERY, c, text)
         elif typ == 0x50:  # Parse
             name, sql = m.parse_parse(buf, start, end)
             fifo.append(K_PARSE)
             if _SHOW_PGGUARD.match(sql):
                 sub = self._show_substitute(sql)
-                self._statements[name] = (sub.decode(), self._classify(sub.decode(), True))
+                self._statements[name] = (sub.decode(), self.ctx.classifier.classify(
+                    sub.decode(), self._facts, parse_message=True))
                 return m.parse(name, sub)
             text = self._decode(sql)
             c = self._classify(text, True)
-            self._statements[name] = (text, c)
-            if name:
-                self._facts.record_prepared(name.decode("utf-8", "replace"), c.classes)
+            if c is None:
+                self._offload = (K_PARSE, text, True, name)
+                return HOLD
+            self._prepared(name, text, c)
         elif typ == 0x42:  # Bind (head)
             portal, stmt = m.parse_bind_head(buf, start, end)
             self._portals[portal] = [stmt, False]
@@ -433,17 +443,50 @@ class Session:
         except (UnicodeDecodeError, LookupError):
             return None
 
-    def _classify(self, text: str | None, parse_message: bool) -> Classification:
+    def _classify(self, text: str | None, parse_message: bool) -> Classification | None:
+        """None: classify it in a worker process (a long statement that is not cached)."""
         if text is None:
             return _UNDECODABLE
-        return self.ctx.classify(text, self._facts, parse_message)
+        return self.ctx.classify(text, self._facts, parse_message, self._cache)
+
+    def _prepared(self, name: bytes, text: str | None, c: Classification) -> None:
+        self._statements[name] = (text, c)
+        if name:
+            self._facts.record_prepared(name.decode("utf-8", "replace"), c.classes)
+
+    async def _run_offload(self) -> None:
+        """Classify a long statement off the event loop, then decide as usual."""
+        assert self._offload is not None
+        kind, text, parse_message, name = self._offload
+        assert text is not None
+        c = await self.ctx.classify_offloaded(text, self._facts, parse_message, self._cache)
+        self._offload = None
+        self._offload_task = None
+        if self.state != READY:
+            return
+        verdict: FrameVerdict
+        if kind == K_PARSE:
+            self._prepared(name, text, c)
+            verdict = FORWARD
+        else:
+            verdict = self._decide(kind, c, text)
+        if verdict is HOLD:  # it needs step-up: the framer keeps holding it
+            self._holding()
+            return
+        out = self._cframer.resume(verdict)  # type: ignore[arg-type]
+        if out and self.server is not None:
+            self.server.writelines(out)
+        self.set_read_pause(True, 2, False)
+        if self._cframer.holding:
+            self._holding()
 
     def _decide(self, kind: int, c: Classification, text: str | None) -> FrameVerdict:
         """Ask the guard at a Query or a portal's first Execute; returns the framer verdict."""
         verdict = self.ctx.guard.check(self, c, text)
         if not isinstance(verdict, Refuse) and not self.ctx.audit_healthy() and c.classes & SENSITIVE:
             verdict = Refuse(SqlState.IO_ERROR,
-                             "pgguard: cannot write the audit trail; sensitive statement refused")
+                             "pgguard: cannot write the audit trail; sensitive statement refused",
+                             rule="audit.unwritable")
         if isinstance(verdict, Refuse):
             self.ctx.statement_decided(self, c, "denied", verdict.rule)
             self._fifo.append(_Marked(kind, m.error_response(
@@ -478,6 +521,11 @@ class Session:
     def _holding(self) -> None:
         """The client framer stopped at a statement that needs step-up (or its backlog grew)."""
         self.set_read_pause(True, 2, self._cframer.backlog_size > HOLD_BACKLOG_BYTES)
+        if self._offload is not None:
+            if self._offload_task is None:
+                self._offload_task = asyncio.get_running_loop().create_task(self._run_offload())
+                self._tasks.add(self._offload_task)
+            return
         if self._hold_task is None and self._held is not None:
             self._hold_task = asyncio.get_running_loop().create_task(self._run_hold())
             self._tasks.add(self._hold_task)
@@ -511,6 +559,11 @@ class Session:
                     detail=f"session {self.id}, user {self.user}, waiting up to {timeout:g} s",
                     hint=hold_hint(self.id, url)))
             ctx.statement_decided(self, c, "held", need.rule)
+            if self.server is not None:
+                # Replies to the messages before the held one stay in the server's send buffer
+                # until a Flush or Sync, and the client's is queued behind the hold: send one
+                # (it has no reply of its own, so the FIFO is unchanged).
+                self.server.write(m.flush())
             outcome = await ctx.holds.wait(hold, timeout)
             stepup_event = hold.released_by
             if outcome is HoldOutcome.TIMEOUT:

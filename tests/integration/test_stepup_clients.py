@@ -156,10 +156,6 @@ def test_psycopg_extended_held_then_released(env) -> None:
         assert released["stepup_event"] == success["id"] and released["rows"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PostgreSQL keeps the reply to the statement before the held Execute in its send buffer "
-    "until a Flush or Sync arrives, and the client's Flush waits behind the hold in pgguard: "
-    "pgguard should send a Flush upstream when a hold starts"))
 def test_libpq_pipeline_with_a_held_statement_in_the_middle(env) -> None:
     """libpq pipeline mode (through psycopg.pq): three statements, Sync, Flush. The result of
     the first arrives while the second is held; the second and third after the release.
