@@ -367,6 +367,7 @@ class App:
         new = result.config
         self.config = new
         self.ctx.config = new
+        self.ctx.guard_epoch += 1
         self.ctx.hold_timeout = new.hold_timeout
         self.ctx.classifier.update(rules=new.pii_rules)
         self._spawn(self._load_catalog())  # SIGHUP also refreshes the catalog snapshot

@@ -33,7 +33,12 @@ class SessionView(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Allow:
+    """Forward. `cacheable`: the verdict depends on the statement alone (no grant, no clock),
+    so the relay may reuse it for later Executes of the same prepared statement until the
+    policy changes (`ProxyContext.guard_epoch`)."""
+
     rule: str | None = None
+    cacheable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +62,7 @@ class NeedStepUp:
 
 Verdict = Allow | Refuse | NeedStepUp
 
-ALLOW = Allow()
+ALLOW = Allow(cacheable=True)
 
 
 class Guard(Protocol):
@@ -105,7 +110,7 @@ class PolicyGuard:
         grants = self._grants.for_session(session.id, session.user, session.client_addr, now)
         d = decide(self._policy(), session.user, classification, grants, now)
         if isinstance(d, PolicyAllow):
-            return Allow(d.rule)
+            return Allow(d.rule, cacheable=not d.granted)
         if isinstance(d, Deny):
             return Refuse(SqlState.INSUFFICIENT_PRIVILEGE, d.reason, rule=d.rule)
         return NeedStepUp(tuple(c.value for c in d.classes), d.triggers_text, d.rule)

@@ -111,6 +111,7 @@ class ProxyContext:
         self.catalog_classifier: ClassificationCache | None = None
         self.catalog_database: str | None = None
         self.offload_chars = OFFLOAD_CHARS
+        self.guard_epoch = 0  # bumped when the policy changes: cached verdicts expire
         self._pool: ProcessPoolExecutor | None = None
         self.hold_timeout = 120.0
         self.sessions: set[Session] = set()

@@ -42,7 +42,7 @@ from pgguard.protocol.framing import (
 from pgguard.protocol.framing import (
     Verdict as FrameVerdict,
 )
-from pgguard.proxy.guard import NeedStepUp, Refuse
+from pgguard.proxy.guard import Allow, NeedStepUp, Refuse, Verdict
 from pgguard.proxy.holds import HoldOutcome, hold_hint
 from pgguard.proxy.startup import check_startup
 
@@ -187,7 +187,11 @@ class Session:
         self._fifo: deque[int | _Marked | _Tracked] = deque()
         # prepared statement name → (SQL text or None, its classification)
         self._statements: dict[bytes, tuple[str | None, Classification]] = {}
-        self._portals: dict[bytes, list[Any]] = {}  # portal → [statement name, executed?]
+        self._portals: dict[bytes, bytes] = {}  # portal → statement name
+        self._running: set[bytes] = set()  # portals executed since their Bind
+        # Verdicts that depend on nothing but the statement (no grant, no clock), by statement
+        # name, with the guard epoch they were made in: repeated Executes skip the policy.
+        self._allowed: dict[bytes, tuple[int, Allow]] = {}
         self._facts = SessionFacts()
         # The statement being held: (FIFO kind, classification, verdict); its hold task.
         self._held: tuple[int, Classification, NeedStepUp] | None = None
@@ -373,7 +377,36 @@ class Session:
 
     def _on_client_frame(self, typ: int, buf: bytes, start: int, end: int) -> FrameVerdict:
         fifo = self._fifo
-        if typ == 0x51:  # Query
+        # The extended protocol's Bind / Execute / Sync come first: they are the hot path of
+        # every prepared-statement client.
+        if typ == 0x42:  # Bind (head): portal and statement names
+            nul = buf.find(b"\0", start + 5, end)
+            nul2 = buf.find(b"\0", nul + 1, end) if nul >= 0 else -1
+            if nul2 < 0:
+                raise ProtocolError("unterminated name in Bind")
+            portal = buf[start + 5 : nul]
+            self._portals[portal] = buf[nul + 1 : nul2]
+            self._running.discard(portal)
+            fifo.append(K_BIND)
+        elif typ == 0x45:  # Execute
+            nul = buf.find(b"\0", start + 5, end)
+            if nul < 0 or nul + 5 != end:
+                raise ProtocolError("malformed Execute")
+            portal = buf[start + 5 : nul]
+            running = self._running
+            if portal not in running:  # later Executes of a running portal continue
+                stmt = self._portals.get(portal)
+                if stmt is not None:
+                    running.add(portal)
+                    prepared = self._statements.get(stmt)
+                    if prepared is None:  # a statement of SQL PREPARE, or one we never saw
+                        prepared = (None, self._sql_prepared(stmt))
+                    return self._decide(K_EXEC, prepared[1], prepared[0], stmt)
+            fifo.append(K_EXEC)
+        elif typ == 0x53:  # Sync
+            if not self._client_copy_open:  # the server ignores Sync during COPY FROM STDIN
+                fifo.append(K_SYNC)
+        elif typ == 0x51:  # Query
             sql = m.parse_query(buf, start, end)
             if _SHOW_PGGUARD.match(sql):
                 fifo.append(K_QUERY)
@@ -393,28 +426,12 @@ class Session:
                     sub.decode(), self._facts, parse_message=True))
                 return m.parse(name, sub)
             text = self._decode(sql)
+            self._allowed.pop(name, None)
             c = self._classify(text, True)
             if c is None:
                 self._offload = (K_PARSE, text, True, name)
                 return HOLD
             self._prepared(name, text, c)
-        elif typ == 0x42:  # Bind (head)
-            portal, stmt = m.parse_bind_head(buf, start, end)
-            self._portals[portal] = [stmt, False]
-            fifo.append(K_BIND)
-        elif typ == 0x45:  # Execute
-            portal, _ = m.parse_execute(buf, start, end)
-            entry = self._portals.get(portal)
-            if entry is not None and not entry[1]:
-                entry[1] = True  # later Executes of a running portal continue
-                prepared = self._statements.get(entry[0])
-                if prepared is None:  # a statement of SQL PREPARE, or one we never saw
-                    prepared = (None, self._sql_prepared(entry[0]))
-                return self._decide(K_EXEC, prepared[1], prepared[0])
-            fifo.append(K_EXEC)
-        elif typ == 0x53:  # Sync
-            if not self._client_copy_open:  # the server ignores Sync during COPY FROM STDIN
-                fifo.append(K_SYNC)
         elif typ == 0x44:  # Describe
             kind, _ = m.parse_named(buf, start, end)
             fifo.append(K_DESCRIBE_S if kind == 0x53 else K_DESCRIBE_P)
@@ -422,9 +439,11 @@ class Session:
             kind, name = m.parse_named(buf, start, end)
             if kind == 0x53:
                 self._statements.pop(name, None)
+                self._allowed.pop(name, None)
                 self._facts.forget_prepared(name.decode("utf-8", "replace"))
             else:
                 self._portals.pop(name, None)
+                self._running.discard(name)
             fifo.append(K_CLOSE)
         elif typ in (0x63, 0x66):  # CopyDone, CopyFail
             self._client_copy_open = False
@@ -480,10 +499,20 @@ class Session:
         if self._cframer.holding:
             self._holding()
 
-    def _decide(self, kind: int, c: Classification, text: str | None) -> FrameVerdict:
+    def _decide(self, kind: int, c: Classification, text: str | None,
+                stmt: bytes | None = None) -> FrameVerdict:
         """Ask the guard at a Query or a portal's first Execute; returns the framer verdict."""
-        verdict = self.ctx.guard.check(self, c, text)
-        if not isinstance(verdict, Refuse) and not self.ctx.audit_healthy() and c.classes & SENSITIVE:
+        ctx = self.ctx
+        cached = self._allowed.get(stmt) if stmt is not None else None
+        verdict: Verdict
+        if cached is not None and cached[0] == ctx.guard_epoch:
+            verdict = cached[1]
+        else:
+            verdict = ctx.guard.check(self, c, text)
+            if stmt is not None and type(verdict) is Allow and verdict.cacheable:
+                self._allowed[stmt] = (ctx.guard_epoch, verdict)
+        if (not isinstance(verdict, Refuse) and c.classes & SENSITIVE
+                and not ctx.audit_healthy()):
             verdict = Refuse(SqlState.IO_ERROR,
                              "pgguard: cannot write the audit trail; sensitive statement refused",
                              rule="audit.unwritable")

@@ -220,7 +220,7 @@ def test_backlog_overflow_drops_and_says_so(tmp_path: Path) -> None:
             s.emit(A.STATEMENT, session="abcdefghijkl", decision="allowed", n=i)
         assert not s.healthy
         blocker.unlink()
-        blocker.mkdir()
+        blocker.mkdir(exist_ok=True)  # the writer, retrying, may create it first
         assert s.flush_sync() and s.healthy
     finally:
         s.close_sync()
