@@ -137,7 +137,8 @@ def chain_hash(event: Mapping[str, Any]) -> str:
 
 def format_ts(epoch: float) -> str:
     """RFC 3339, UTC, microseconds: `2025-01-31T12:00:00.123456Z`."""
-    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    sec, us = divmod(round(epoch * 1e6), 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{us:06d}Z"
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -310,6 +311,13 @@ class EventRef:
         self.id: int | None = None
 
 
+LINGER_SECONDS = 0.002
+LINGER_BATCH = 256
+
+_RESERVED = frozenset({"id", "ts", "event", "prev", "hash", "_ref"})
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
 def _jsonable(value: Any) -> Any:
     """Sets become sorted lists, enums their values, tuples lists, times RFC 3339."""
     if value is None or isinstance(value, bool | int | str):
@@ -387,6 +395,8 @@ class AuditSink:
         self._thread: threading.Thread | None = None
         self._file: IO[bytes] | None = None
         self._last_id = 0
+        self._ts_sec = -1
+        self._ts_prefix = ""
         self._last_hash = GENESIS
         self._last_fsync = 0.0
         self._dirty = False
@@ -518,6 +528,10 @@ class AuditSink:
                     else self._queue.get_nowait()
             except queue.Empty:
                 item = None
+            if item is not None and not stopping and self._queue.qsize() < LINGER_BATCH:
+                # Events trickle in one per statement: wait a moment so that one write (one
+                # flock, one syscall) carries many of them.
+                time.sleep(LINGER_SECONDS)
             # Drain whatever else is there: one write (and one fsync) per batch.
             while item is not None:
                 if item is _STOP:
@@ -607,20 +621,32 @@ class AuditSink:
         return True
 
     def _chain(self, ts: float, event: str, fields: dict[str, Any]) -> bytes:
+        """One line of the trail. The canonical JSON of the event without `hash` is both what
+        is hashed and the line itself, with `hash` appended: one serialisation per event."""
         if event == STATEMENT:
             _statement_fields(fields, self.config.include_literals)
-        record: dict[str, Any] = {"id": self._last_id + 1, "ts": format_ts(ts), "event": event}
+        rid = self._last_id + 1
+        record: dict[str, Any] = {"id": rid, "ts": self._format_ts(ts), "event": event}
         ref = fields.get("_ref")
         if ref is not None:
-            ref.id = record["id"]  # later events that point at this one read it (same thread)
+            ref.id = rid  # later events that point at this one read it (same thread)
         for k, v in fields.items():
-            if k not in ("id", "ts", "event", "prev", "hash", "_ref"):
-                record[k] = _jsonable(v)
+            if k not in _RESERVED:
+                record[k] = v if type(v) in _PLAIN else _jsonable(v)
         record["prev"] = self._last_hash
-        record["hash"] = chain_hash(record)
-        self._last_id = record["id"]
-        self._last_hash = record["hash"]
-        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+        body = canonical_json(record)
+        digest = hashlib.sha256(body).hexdigest()
+        self._last_id = rid
+        self._last_hash = digest
+        return body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+
+    def _format_ts(self, ts: float) -> str:
+        """format_ts(), with the whole-second part cached (events come many per second)."""
+        sec, us = divmod(round(ts * 1e6), 1_000_000)
+        if sec != self._ts_sec:
+            self._ts_sec = sec
+            self._ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._ts_prefix}.{us:06d}Z"
 
     def _failed(self, exc: Exception) -> None:
         self._errors += 1
