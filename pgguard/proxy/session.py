@@ -297,7 +297,10 @@ class Session:
             if self.state >= AUTH:
                 out = self._cframer.feed(data)
                 if out and self.server is not None:
-                    self.server.writelines(out)
+                    if len(out) == 1:
+                        self.server.write(out[0])
+                    else:
+                        self.server.writelines(out)
                 if self._cframer.holding:
                     self._holding()
             elif self.state == STARTUP:
@@ -432,9 +435,10 @@ class Session:
                 self._offload = (K_PARSE, text, True, name)
                 return HOLD
             self._prepared(name, text, c)
-        elif typ == 0x44:  # Describe
-            kind, _ = m.parse_named(buf, start, end)
-            fifo.append(K_DESCRIBE_S if kind == 0x53 else K_DESCRIBE_P)
+        elif typ == 0x44:  # Describe: only the target kind matters (the server checks the rest)
+            if end - start < 7:
+                raise ProtocolError("truncated Describe")
+            fifo.append(K_DESCRIBE_S if buf[start + 5] == 0x53 else K_DESCRIBE_P)
         elif typ == 0x43:  # Close
             kind, name = m.parse_named(buf, start, end)
             if kind == 0x53:
@@ -635,7 +639,10 @@ class Session:
         try:
             out = self._sframer.feed(data)
             if out and self.client is not None:
-                self.client.writelines(out)
+                if len(out) == 1:
+                    self.client.write(out[0])
+                else:
+                    self.client.writelines(out)
         except ClientRefused as exc:
             self.close(m.error_response(exc.sqlstate, exc.message, severity="FATAL",
                                         hint=exc.hint))
