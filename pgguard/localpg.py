@@ -140,16 +140,7 @@ class LocalPostgres:
         with open(self.data_dir / "postgresql.conf", "a") as f:
             for k, v in conf.items():
                 f.write(f"{k} = {v}\n")
-        log = open(self.base / "server.log", "ab")
-        kwargs: dict[str, object] = {}
-        if user:
-            kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-        self.proc = subprocess.Popen(  # type: ignore[call-overload]
-            [str(self.bindir / "postgres"), "-D", str(self.data_dir)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, **kwargs)
-        log.close()
-        self._wait_ready()
+        self._spawn(user)
         self._setup_roles()
         return self
 
@@ -170,16 +161,18 @@ class LocalPostgres:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(timeout=30)
-        user = _server_user()
+        self._spawn(_server_user())
+
+    def _spawn(self, user: pwd.struct_passwd | None) -> None:
+        """Start the server process (our child, as `user` when we are root) and wait for it."""
         kwargs: dict[str, object] = {}
         if user:
             kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-        log = open(self.base / "server.log", "ab")
-        self.proc = subprocess.Popen(  # type: ignore[call-overload]
-            [str(self.bindir / "postgres"), "-D", str(self.data_dir)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, **kwargs)
-        log.close()
+        with open(self.base / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(  # type: ignore[call-overload]
+                [str(self.bindir / "postgres"), "-D", str(self.data_dir)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, **kwargs)
         self._wait_ready()
 
     def __enter__(self) -> LocalPostgres:

@@ -297,10 +297,7 @@ class Session:
             if self.state >= AUTH:
                 out = self._cframer.feed(data)
                 if out and self.server is not None:
-                    if len(out) == 1:
-                        self.server.write(out[0])
-                    else:
-                        self.server.writelines(out)
+                    _send(self.server, out)
                 if self._cframer.holding:
                     self._holding()
             elif self.state == STARTUP:
@@ -639,10 +636,7 @@ class Session:
         try:
             out = self._sframer.feed(data)
             if out and self.client is not None:
-                if len(out) == 1:
-                    self.client.write(out[0])
-                else:
-                    self.client.writelines(out)
+                _send(self.client, out)
         except ClientRefused as exc:
             self.close(m.error_response(exc.sqlstate, exc.message, severity="FATAL",
                                         hint=exc.hint))
@@ -828,6 +822,13 @@ class Session:
 
 _OUTCOME_DECISION = {HoldOutcome.RELEASED: "released", HoldOutcome.TIMEOUT: "timed_out",
                      HoldOutcome.CANCEL: "canceled"}
+
+
+def _send(transport: asyncio.Transport, out: list[bytes]) -> None:
+    if len(out) == 1:  # the common case: one slice, one write
+        transport.write(out[0])
+    else:
+        transport.writelines(out)
 
 
 def _poison(kind: int) -> bytes:

@@ -8,9 +8,6 @@ refuse pattern calls `pgguard_refuse_me()`, a function that raises P0001 when it
 it fails at execution with P0001 and through pgguard it is refused with 42501. (A failure at
 parse time, such as an undefined function, would hide the refusal: pgguard decides at Query and
 at the first Execute, and PostgreSQL's own earlier error comes first.)
-
-`PGGUARD_MATRIX_SELFTEST=1` points the `guarded` target at PostgreSQL itself. It exists only to
-check the runners while the proxy is being written; CI never sets it.
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ REFUSED_SQL = "SELECT pgguard_refuse_me()"
 REFUSE_PATTERN = "pgguard_refuse_me"
 DIRECT_REFUSED_STATE = "P0001"
 POLICY_STATE = "42501"
-SELFTEST = os.environ.get("PGGUARD_MATRIX_SELFTEST") == "1"
 ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -94,9 +90,6 @@ def direct(pg: LocalPostgres) -> Target:
 def guarded(pg: LocalPostgres, direct: Target, certs: tuple[Path, Path],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     """pgguard in front of `pg` (plaintext upstream leg, TLS toward the client allowed)."""
-    if SELFTEST:
-        yield Target("guarded", pg, pg.port)
-        return
     proxy = ProxyProcess(pg, tmp_path_factory.mktemp("guard"), guard_config(certs),
                          via_socket=False, extra_args=[])
     proxy.start()
@@ -131,13 +124,13 @@ def canon(value: Any, refused_state: str) -> Any:
 
 def assert_same(direct_result: Any, guarded_result: Any, *, guarded_is_proxy: bool = True) -> None:
     """The user-visible results through pgguard equal the direct ones."""
-    refused = POLICY_STATE if guarded_is_proxy and not SELFTEST else DIRECT_REFUSED_STATE
+    refused = POLICY_STATE if guarded_is_proxy else DIRECT_REFUSED_STATE
     assert canon(guarded_result, refused) == canon(direct_result, DIRECT_REFUSED_STATE)
 
 
 def sqlstate_of(refused_on: Target) -> str:
     """The SQLSTATE a client must see for REFUSED_SQL on this target."""
-    if refused_on.guarded and not SELFTEST:
+    if refused_on.guarded:
         return POLICY_STATE
     return DIRECT_REFUSED_STATE
 

@@ -20,7 +20,6 @@ from tests.clients.conftest import (
     DIRECT_REFUSED_STATE,
     POLICY_STATE,
     REFUSED_SQL,
-    SELFTEST,
     Target,
     count_rows,
     need_tool,
@@ -160,8 +159,6 @@ def test_psql_upstream_fatal(direct: Target, guarded: Target) -> None:
 
 def test_psql_tls_channel_binding(guarded: Target) -> None:
     """libpq 15 over TLS to pgguard: prefer and disable work; require fails cleanly."""
-    if guarded.proxy is None:
-        pytest.skip("TLS termination exists only through pgguard")
     for cb in ("prefer", "disable"):
         r = psql(guarded, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid();\n"
                  "SELECT 42;\n", PGSSLMODE="require", PGCHANNELBINDING=cb)
@@ -174,8 +171,6 @@ def test_psql_tls_channel_binding(guarded: Target) -> None:
 
 
 def test_startup_refusals(guarded: Target) -> None:
-    if SELFTEST:
-        pytest.skip("startup refusals exist only through pgguard")
     r = psql(guarded, "SELECT 1;\n", PGOPTIONS="-c role=postgres")
     assert r["rc"] == 2 and "pgguard: startup setting role is not allowed" in r["err"], r
     r = psql(guarded, "SELECT 1;\n", PGOPTIONS="-c application_name=matrix-ok")

