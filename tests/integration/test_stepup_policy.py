@@ -66,6 +66,33 @@ def test_short_grant_expires(pg: LocalPostgres, proxy_factory) -> None:
     assert [e["outcome"] for e in ends] == ["released"] * 2
 
 
+def test_named_statement_prepared_while_elevated_is_held_after_expiry(
+        pg: LocalPostgres, proxy_factory) -> None:
+    """DESIGN §3: a named statement prepared while elevated and executed after the grant
+    expired is decided again at its next first Execute (the verdict is not cached with it)."""
+    su.make_schema(pg)
+    proxy = proxy_factory(pg, su.config(step_up={"pii": "3s"}))
+    codes = su.Codes(su.enroll(proxy))
+    with connect(proxy) as conn:
+        sid = session_id(conn)
+        held_then_released(proxy, conn, sid, codes.next())
+        granted = time.time()
+        # prepared (a named server-side statement) and executed while elevated: no hold
+        for _ in range(3):
+            t0 = time.monotonic()
+            assert conn.execute(su.PII_SQL, prepare=True).fetchall() == su.EMAILS
+            assert time.monotonic() - t0 < 1.5
+        time.sleep(max(0.0, granted + 3.3 - time.time()))
+        # the same prepared statement, after expiry: held again until a new code
+        held = su.Background(lambda: conn.execute(su.PII_SQL, prepare=True).fetchall())
+        su.wait_for_hold(proxy, sid)
+        status, body = su.post_code(proxy, sid, codes.next())
+        assert status == 200 and body["released"] is True, body
+        assert held.result(10) == su.EMAILS
+    assert [e["decision"] for e in su.audit_events(proxy, "statement")
+            if e["decision"] != "allowed"].count("held") == 2
+
+
 def test_zero_ttl_needs_a_fresh_code_each_time(pg: LocalPostgres, proxy_factory) -> None:
     su.make_schema(pg)
     proxy = proxy_factory(pg, su.config(step_up={"pii": "0s"}))
