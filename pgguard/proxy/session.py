@@ -90,6 +90,9 @@ _SHOW_PGGUARD = re.compile(rb"\A\s*show\s+pgguard\.(session_id|status)\s*;?\s*\Z
 _UNKNOWN_STATEMENT = Classification(
     classes=frozenset({StatementClass.UNKNOWN}), statements=(),
     reason="Bind names a prepared statement pgguard has not seen")
+_UNKNOWN_PORTAL = Classification(
+    classes=frozenset({StatementClass.UNKNOWN}), statements=(),
+    reason="Execute names a portal pgguard has not seen bound or declared")
 _UNDECODABLE = Classification(
     classes=frozenset({StatementClass.UNKNOWN}), statements=(),
     redacted_sql="<undecodable>", reason="the statement is not valid in the client encoding")
@@ -395,13 +398,16 @@ class Session:
             portal = buf[start + 5 : nul]
             running = self._running
             if portal not in running:  # later Executes of a running portal continue
+                running.add(portal)
                 stmt = self._portals.get(portal)
-                if stmt is not None:
-                    running.add(portal)
-                    prepared = self._statements.get(stmt)
-                    if prepared is None:  # a statement of SQL PREPARE, or one we never saw
-                        prepared = (None, self._sql_prepared(stmt))
-                    return self._decide(K_EXEC, prepared[1], prepared[0], stmt)
+                if stmt is None:
+                    # Not bound by this client: a SQL cursor (DECLARE, or a refcursor a
+                    # function returned). Decide on what we know of it, else as unknown.
+                    return self._decide(K_EXEC, self._cursor(portal), None)
+                prepared = self._statements.get(stmt)
+                if prepared is None:  # a statement of SQL PREPARE, or one we never saw
+                    prepared = (None, self._sql_prepared(stmt))
+                return self._decide(K_EXEC, prepared[1], prepared[0], stmt)
             fifo.append(K_EXEC)
         elif typ == 0x53:  # Sync
             if not self._client_copy_open:  # the server ignores Sync during COPY FROM STDIN
@@ -528,13 +534,25 @@ class Session:
         self.ctx.statement_decided(self, c, "allowed", verdict.rule)
         self._fifo.append(_Tracked(kind, c, "allowed", verdict.rule, None))
         if c.session_changes:
-            self._facts.apply(c.session_changes)
+            self._session_changed(c)
         return FORWARD
 
     def _sql_prepared(self, name: bytes) -> Classification:
         classes = self._facts.prepared.get(name.decode("utf-8", "replace"))
         if classes is None:
             return _UNKNOWN_STATEMENT
+        return Classification(classes=classes, statements=())
+
+    def _session_changed(self, c: Classification) -> None:
+        """PREPARE/DECLARE/CLOSE/DEALLOCATE forwarded: record them; a cursor declared again
+        under an old name is a new portal whose first Execute must be decided again."""
+        self._facts.apply(c.session_changes)
+        self._running.clear()
+
+    def _cursor(self, portal: bytes) -> Classification:
+        classes = self._facts.cursors.get(portal.decode("utf-8", "replace"))
+        if classes is None:
+            return _UNKNOWN_PORTAL
         return Classification(classes=classes, statements=())
 
     def _show_substitute(self, sql: bytes) -> bytes:
@@ -619,7 +637,7 @@ class Session:
         if error is None:
             self._fifo.append(_Tracked(kind, c, "released", need.rule, stepup_event))
             if c.session_changes:
-                self._facts.apply(c.session_changes)
+                self._session_changed(c)
             out = self._cframer.resume(None)
         else:
             self._fifo.append(_Marked(kind, error))

@@ -430,3 +430,21 @@ def test_sigterm_lets_running_statement_finish(pg, proxy):
     # a new connection is refused: pgguard no longer listens
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(proxy.dsn(connect_timeout="2"))
+
+
+def test_execute_of_sql_cursor_is_decided(pg, proxy_factory):
+    """A protocol Execute of a portal the client never bound (a DECLAREd cursor) is decided
+    on the cursor's classes; a portal pgguard knows nothing of is decided as unknown."""
+    proxy = proxy_factory(pg, {"roles": {"readers": {"users": ["*"], "allow": ["read", "tx"]}}})
+    with connect_raw(proxy) as s:
+        md5_login(s)
+        s.sendall(m.query("BEGIN; DECLARE c CURSOR FOR SELECT g FROM generate_series(1, 3) g"))
+        assert [t for t, _ in read_messages(s)][-1] == "Z"
+        s.sendall(m.execute(b"c", 2) + m.sync())
+        msgs = read_messages(s)
+        assert [t for t, _ in msgs] == ["D", "D", "s", "Z"], msgs
+        s.sendall(m.execute(b"nosuch") + m.sync())
+        msgs = read_messages(s)
+        (err,) = errors(msgs)
+        assert err["C"] == "42501" and "unknown" in err["M"], err
+        assert msgs[-1] == ("Z", b"E")  # the server's own state: the transaction failed
