@@ -480,6 +480,18 @@ class Session:
         if name:
             self._facts.record_prepared(name.decode("utf-8", "replace"), c.classes)
 
+    async def _guarded(self, work: Any) -> None:
+        """Run a hold or offload task; a bug in it ends this session (never the statement
+        running unchecked, never a client left waiting forever)."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("session.bug", session=self.id)
+            self.close(m.error_response(SqlState.INTERNAL_ERROR, "pgguard: internal error",
+                                        severity="FATAL"))
+
     async def _run_offload(self) -> None:
         """Classify a long statement off the event loop, then decide as usual."""
         assert self._offload is not None
@@ -571,11 +583,13 @@ class Session:
         self.set_read_pause(True, 2, self._cframer.backlog_size > HOLD_BACKLOG_BYTES)
         if self._offload is not None:
             if self._offload_task is None:
-                self._offload_task = asyncio.get_running_loop().create_task(self._run_offload())
+                self._offload_task = asyncio.get_running_loop().create_task(
+                    self._guarded(self._run_offload()))
                 self._tasks.add(self._offload_task)
             return
         if self._hold_task is None and self._held is not None:
-            self._hold_task = asyncio.get_running_loop().create_task(self._run_hold())
+            self._hold_task = asyncio.get_running_loop().create_task(
+                self._guarded(self._run_hold()))
             self._tasks.add(self._hold_task)
 
     async def _run_hold(self) -> None:
