@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from pgguard.classify import Classification, SessionFacts, StatementClass
+from pgguard.classify import ChangeKind, Classification, SessionFacts, StatementClass
 from pgguard.errors import ClientRefused, ProtocolError, SqlState, StateUnavailable, UpstreamError
 from pgguard.protocol import messages as m
 from pgguard.protocol.framing import (
@@ -71,8 +71,17 @@ STARTUP, CONNECTING, AUTH, READY, CLOSED = range(5)
 ENCODINGS = {
     "UTF8": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "latin-1", "LATIN2": "iso8859-2",
     "LATIN9": "iso8859-15", "WIN1252": "cp1252", "WIN1251": "cp1251", "KOI8R": "koi8-r",
-    "EUC_JP": "euc_jp", "SJIS": "shift_jis", "EUC_KR": "euc_kr", "GBK": "gbk", "BIG5": "big5",
+    "EUC_JP": "euc_jp", "EUC_KR": "euc_kr",
 }
+# Deliberately absent: SJIS, BIG5, GBK, UHC, GB18030, JOHAB. Their second bytes can be ASCII
+# (a backslash or a quote), so pgguard and the server could disagree on where a string ends;
+# PostgreSQL refuses them as server encodings for that reason. Text in them is unknown.
+
+# A SET/RESET (tx or admin: SET, RESET, set_config()) that may change how later messages are
+# decoded or lexed.
+_SETTING_CLASSES = frozenset({StatementClass.TX, StatementClass.ADMIN})
+_ENCODING_SETTING = re.compile(
+    r"client_encoding|\bnames\b|\breset\s+all\b|standard_conforming_strings", re.I)
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -122,6 +131,15 @@ class _Tracked:
     started: float = field(default_factory=time.monotonic)
     rows: int | None = None
     error: str | None = None  # SQLSTATE of the server's error, if any
+    resets_encoding: bool = False  # a SET that may change client_encoding / scs
+
+
+@dataclass(slots=True, eq=False)
+class _ParseEntry:
+    """A forwarded Parse: if the server refuses or skips it, its name is forgotten."""
+
+    kind: int
+    name: bytes
 
 
 def _tag_rows(buf: bytes, start: int, end: int) -> int | None:
@@ -187,17 +205,26 @@ class Session:
         self._our_pid: int | None = None
         self._params: dict[str, str] = {}
         self._encoding = "utf-8"
-        self._fifo: deque[int | _Marked | _Tracked] = deque()
+        self._fifo: deque[int | _Marked | _Tracked | _ParseEntry] = deque()
         # prepared statement name → (SQL text or None, its classification)
         self._statements: dict[bytes, tuple[str | None, Classification]] = {}
-        self._portals: dict[bytes, bytes] = {}  # portal → statement name
-        self._running: set[bytes] = set()  # portals executed since their Bind
-        # Verdicts that depend on nothing but the statement (no grant, no clock), by statement
-        # name, with the guard epoch they were made in: repeated Executes skip the policy.
-        self._allowed: dict[bytes, tuple[int, Allow]] = {}
+        # portal → (SQL text, classification) of the statement it was bound to: a snapshot, so
+        # re-parsing the statement name later cannot change what the portal is decided on.
+        self._portals: dict[bytes, tuple[str | None, Classification]] = {}
+        self._running: set[bytes] = set()  # portals whose first Execute was forwarded
+        # Verdicts that depend on nothing but the classification (no grant, no clock), by the
+        # (cached, shared) Classification object, with the guard epoch they were made in:
+        # repeated Executes skip the policy until it changes.
+        self._allowed: dict[int, tuple[Classification, int, Allow]] = {}
+        # While a forwarded SET/RESET may change client_encoding or standard_conforming_strings,
+        # the later messages are classified as if the worst applied (unknown encoding,
+        # backslashes unknown) until the server reports the values or the SET's reply arrives.
+        self._enc_saved: str | None = None
+        self._scs_saved: bool | None = None
+        self._settle_at_z = False
         self._facts = SessionFacts()
         # The statement being held: (FIFO kind, classification, verdict); its hold task.
-        self._held: tuple[int, Classification, NeedStepUp] | None = None
+        self._held: tuple[int, Classification, NeedStepUp, str | None, bytes | None] | None = None
         self._hold_task: asyncio.Task[None] | None = None
         # A long statement being classified in a worker: (kind, text, parse?, statement name).
         self._offload: tuple[int, str | None, bool, bytes] | None = None
@@ -388,7 +415,11 @@ class Session:
             if nul2 < 0:
                 raise ProtocolError("unterminated name in Bind")
             portal = buf[start + 5 : nul]
-            self._portals[portal] = buf[nul + 1 : nul2]
+            stmt = buf[nul + 1 : nul2]
+            prepared = self._statements.get(stmt)
+            if prepared is None:  # a statement of SQL PREPARE, or one we never saw
+                prepared = (None, self._sql_prepared(stmt))
+            self._portals[portal] = prepared
             self._running.discard(portal)
             fifo.append(K_BIND)
         elif typ == 0x45:  # Execute
@@ -398,16 +429,12 @@ class Session:
             portal = buf[start + 5 : nul]
             running = self._running
             if portal not in running:  # later Executes of a running portal continue
-                running.add(portal)
-                stmt = self._portals.get(portal)
-                if stmt is None:
+                snap = self._portals.get(portal)
+                if snap is None:
                     # Not bound by this client: a SQL cursor (DECLARE, or a refcursor a
                     # function returned). Decide on what we know of it, else as unknown.
-                    return self._decide(K_EXEC, self._cursor(portal), None)
-                prepared = self._statements.get(stmt)
-                if prepared is None:  # a statement of SQL PREPARE, or one we never saw
-                    prepared = (None, self._sql_prepared(stmt))
-                return self._decide(K_EXEC, prepared[1], prepared[0], stmt)
+                    return self._decide(K_EXEC, self._cursor(portal), None, portal)
+                return self._decide(K_EXEC, snap[1], snap[0], portal)
             fifo.append(K_EXEC)
         elif typ == 0x53:  # Sync
             if not self._client_copy_open:  # the server ignores Sync during COPY FROM STDIN
@@ -425,14 +452,13 @@ class Session:
             return self._decide(K_QUERY, c, text)
         elif typ == 0x50:  # Parse
             name, sql = m.parse_parse(buf, start, end)
-            fifo.append(K_PARSE)
+            fifo.append(_ParseEntry(K_PARSE, name))
             if _SHOW_PGGUARD.match(sql):
                 sub = self._show_substitute(sql)
                 self._statements[name] = (sub.decode(), self.ctx.classifier.classify(
                     sub.decode(), self._facts, parse_message=True))
                 return m.parse(name, sub)
             text = self._decode(sql)
-            self._allowed.pop(name, None)
             c = self._classify(text, True)
             if c is None:
                 self._offload = (K_PARSE, text, True, name)
@@ -446,7 +472,6 @@ class Session:
             kind, name = m.parse_named(buf, start, end)
             if kind == 0x53:
                 self._statements.pop(name, None)
-                self._allowed.pop(name, None)
                 self._facts.forget_prepared(name.decode("utf-8", "replace"))
             else:
                 self._portals.pop(name, None)
@@ -519,35 +544,70 @@ class Session:
             self._holding()
 
     def _decide(self, kind: int, c: Classification, text: str | None,
-                stmt: bytes | None = None) -> FrameVerdict:
+                portal: bytes | None = None) -> FrameVerdict:
         """Ask the guard at a Query or a portal's first Execute; returns the framer verdict."""
         ctx = self.ctx
-        cached = self._allowed.get(stmt) if stmt is not None else None
+        cached = self._allowed.get(id(c))
         verdict: Verdict
-        if cached is not None and cached[0] == ctx.guard_epoch:
-            verdict = cached[1]
+        if cached is not None and cached[0] is c and cached[1] == ctx.guard_epoch:
+            verdict = cached[2]
         else:
             verdict = ctx.guard.check(self, c, text)
-            if stmt is not None and type(verdict) is Allow and verdict.cacheable:
-                self._allowed[stmt] = (ctx.guard_epoch, verdict)
-        if (not isinstance(verdict, Refuse) and c.classes & SENSITIVE
-                and not ctx.audit_healthy()):
-            verdict = Refuse(SqlState.IO_ERROR,
-                             "pgguard: cannot write the audit trail; sensitive statement refused",
-                             rule="audit.unwritable")
+            if type(verdict) is Allow and verdict.cacheable:
+                if len(self._allowed) >= 1024:
+                    self._allowed.clear()
+                self._allowed[id(c)] = (c, ctx.guard_epoch, verdict)
+        if not isinstance(verdict, Refuse):
+            refusal = self._audit_refusal(c)
+            if refusal is not None:
+                verdict = refusal
         if isinstance(verdict, Refuse):
             self.ctx.statement_decided(self, c, "denied", verdict.rule)
-            self._fifo.append(_Marked(kind, m.error_response(
-                verdict.sqlstate, verdict.message, detail=verdict.detail, hint=verdict.hint)))
+            self._refused(kind, m.error_response(
+                verdict.sqlstate, verdict.message, detail=verdict.detail, hint=verdict.hint),
+                portal)
             return _poison(kind)
         if isinstance(verdict, NeedStepUp):
-            self._held = (kind, c, verdict)
+            self._held = (kind, c, verdict, text, portal)
             return HOLD
         self.ctx.statement_decided(self, c, "allowed", verdict.rule)
-        self._fifo.append(_Tracked(kind, c, "allowed", verdict.rule, None))
+        self._forwarded(kind, c, "allowed", verdict.rule, None, text, portal)
+        return FORWARD
+
+    def _audit_refusal(self, c: Classification) -> Refuse | None:
+        if c.classes & SENSITIVE and not self.ctx.audit_healthy():
+            return Refuse(SqlState.IO_ERROR,
+                          "pgguard: cannot write the audit trail; sensitive statement refused",
+                          rule="audit.unwritable")
+        return None
+
+    def _refused(self, kind: int, error: bytes, portal: bytes | None) -> None:
+        """The message is replaced by the poison; its ErrorResponse will be pgguard's."""
+        self._fifo.append(_Marked(kind, error))
+        if portal is not None:
+            self._running.discard(portal)  # its next Execute is decided again
+
+    def _forwarded(self, kind: int, c: Classification, decision: str, rule: str | None,
+                   stepup_event: object | None, text: str | None,
+                   portal: bytes | None) -> None:
+        """Bookkeeping for a decided message that goes to the server as it is."""
+        t = _Tracked(kind, c, decision, rule, stepup_event)
+        if portal is not None:
+            self._running.add(portal)
         if c.session_changes:
             self._session_changed(c)
-        return FORWARD
+        if (text is not None and c.classes & _SETTING_CLASSES
+                and _ENCODING_SETTING.search(text)):
+            # Until the server has run it, later messages may be in another encoding or
+            # quoting regime: classify them as if the worst applied (fail closed).
+            t.resets_encoding = True
+            if self._enc_saved is None:
+                self._enc_saved = self._encoding
+            if self._scs_saved is None:
+                self._scs_saved = self._facts.standard_conforming_strings
+            self._encoding = "unknown"
+            self._facts.standard_conforming_strings = False
+        self._fifo.append(t)
 
     def _sql_prepared(self, name: bytes) -> Classification:
         classes = self._facts.prepared.get(name.decode("utf-8", "replace"))
@@ -556,10 +616,26 @@ class Session:
         return Classification(classes=classes, statements=())
 
     def _session_changed(self, c: Classification) -> None:
-        """PREPARE/DECLARE/CLOSE/DEALLOCATE forwarded: record them; a cursor declared again
-        under an old name is a new portal whose first Execute must be decided again."""
+        """PREPARE/DECLARE/CLOSE/DEALLOCATE/DISCARD forwarded: record them. A statement name
+        that SQL re-prepares or deallocates no longer means what its protocol Parse said, and
+        a cursor declared again under an old name is a new portal to decide again."""
+        for ch in c.session_changes:
+            if ch.kind in (ChangeKind.PREPARE, ChangeKind.DEALLOCATE):
+                if ch.name is None:
+                    self._statements = {k: v for k, v in self._statements.items() if not k}
+                else:
+                    self._statements.pop(ch.name.encode("utf-8"), None)
+            elif ch.kind is ChangeKind.DISCARD_ALL:
+                self._statements = {k: v for k, v in self._statements.items() if not k}
         self._facts.apply(c.session_changes)
         self._running.clear()
+
+    def _parse_failed(self, name: bytes) -> None:
+        """The server refused or skipped this Parse: the name keeps whatever it meant before,
+        which pgguard does not know any more. Forget it (a Bind to it is then unknown)."""
+        self._statements.pop(name, None)
+        if name:
+            self._facts.forget_prepared(name.decode("utf-8", "replace"))
 
     def _cursor(self, portal: bytes) -> Classification:
         classes = self._facts.cursors.get(portal.decode("utf-8", "replace"))
@@ -573,8 +649,11 @@ class Session:
         assert match is not None
         what = match.group(1).decode().lower()
         value = self.id if what == "session_id" else self.ctx.status_text(self)
-        literal = value.replace("'", "''")
-        return f"SELECT '{literal}'::text AS \"pgguard.{what}\"".encode()
+        # Dollar quoting: no escape rules, whatever standard_conforming_strings says.
+        tag = "$pgguard$"
+        while tag in value:
+            tag = f"$pgguard{secrets.token_hex(4)}$"
+        return f"SELECT {tag}{value}{tag}::text AS \"pgguard.{what}\"".encode()
 
     # -- holds ----------------------------------------------------------------------------------
 
@@ -594,7 +673,7 @@ class Session:
 
     async def _run_hold(self) -> None:
         assert self._held is not None
-        kind, c, need = self._held
+        kind, c, need, text, portal = self._held
         ctx = self.ctx
         error: bytes | None = None
         outcome = HoldOutcome.RELEASED
@@ -641,7 +720,11 @@ class Session:
                 return
             elif outcome is not HoldOutcome.RELEASED:
                 return  # the session is ending
-            ctx.statement_decided(self, c, _OUTCOME_DECISION[outcome], need.rule)
+            else:
+                error = self._recheck_release(c, text)
+            refused_at_release = outcome is HoldOutcome.RELEASED and error is not None
+            ctx.statement_decided(self, c, "denied" if refused_at_release
+                                  else _OUTCOME_DECISION[outcome], need.rule)
         elif error is not None:
             ctx.statement_decided(self, c, "denied", need.rule)
         if self.state != READY:
@@ -649,18 +732,28 @@ class Session:
         self._held = None
         self._hold_task = None
         if error is None:
-            self._fifo.append(_Tracked(kind, c, "released", need.rule, stepup_event))
-            if c.session_changes:
-                self._session_changed(c)
+            self._forwarded(kind, c, "released", need.rule, stepup_event, text, portal)
             out = self._cframer.resume(None)
         else:
-            self._fifo.append(_Marked(kind, error))
+            self._refused(kind, error, portal)
             out = self._cframer.resume(_poison(kind))
         if out and self.server is not None:
             self.server.writelines(out)
         self.set_read_pause(True, 2, False)
         if self._cframer.holding:
             self._holding()
+
+    def _recheck_release(self, c: Classification, text: str | None) -> bytes | None:
+        """A released statement runs only if it still may: the policy may have been reloaded
+        and the audit may have failed while it waited. (A step-up it still lacks is the one
+        just made: a 0s class is satisfied by the fresh code.)"""
+        verdict = self.ctx.guard.check(self, c, text)
+        if not isinstance(verdict, Refuse):
+            verdict = self._audit_refusal(c) or verdict
+        if isinstance(verdict, Refuse):
+            return m.error_response(verdict.sqlstate, verdict.message, detail=verdict.detail,
+                                    hint=verdict.hint)
+        return None
 
     # -- server bytes -------------------------------------------------------------------------
 
@@ -697,8 +790,13 @@ class Session:
                     continue
                 if type(e) is _Tracked:
                     self._finished(e)
+                elif type(e) is _ParseEntry:  # answered by nothing but this Z: not parsed
+                    self._parse_failed(e.name)
                 if e.kind == K_QUERY:  # type: ignore[union-attr]
                     break
+            if self._settle_at_z:
+                self._settle_at_z = False
+                self._encoding_settled()
             if self._shutting_down and not fifo and self.txn_status == b"I":
                 asyncio.get_running_loop().call_soon(self._shutdown_if_idle)
             return FORWARD
@@ -736,6 +834,8 @@ class Session:
                     fifo.popleft()
                     if type(e) is _Tracked:
                         self._finished(e)
+                    elif type(e) is _ParseEntry:
+                        self._parse_failed(e.name)
             self._client_copy_open = False
             return replacement
         elif typ == 0x47:  # CopyInResponse
@@ -750,7 +850,19 @@ class Session:
             self._track_parameter(buf, start, end)
         return FORWARD
 
+    def _encoding_settled(self) -> None:
+        """The SET that could change the encoding has been answered: what the server did not
+        report (with ParameterStatus) did not change."""
+        if self._enc_saved is not None:
+            self._encoding = self._enc_saved
+            self._enc_saved = None
+        if self._scs_saved is not None:
+            self._facts.standard_conforming_strings = self._scs_saved
+            self._scs_saved = None
+
     def _finished(self, t: _Tracked) -> None:
+        if t.resets_encoding:
+            self._settle_at_z = True  # the server reports changed settings just before Z
         self.ctx.statement_done(self, t.classification, t.decision, t.rule,
                                 time.monotonic() - t.started, t.rows, t.error, t.stepup_event)
 
@@ -828,8 +940,10 @@ class Session:
         self._params[name] = value
         if name == "client_encoding":
             self._encoding = ENCODINGS.get(value.upper(), "unknown")
+            self._enc_saved = None
         elif name == "standard_conforming_strings":
             self._facts.standard_conforming_strings = value == "on"
+            self._scs_saved = None
 
     def _shutdown_if_idle(self) -> None:
         if self.state != CLOSED and self._idle():
