@@ -208,6 +208,10 @@ class Session:
         self._fifo: deque[int | _Marked | _Tracked | _ParseEntry] = deque()
         # prepared statement name → (SQL text or None, its classification)
         self._statements: dict[bytes, tuple[str | None, Classification]] = {}
+        # The classifier epoch (rules, catalog) the statements were classified under, and the
+        # names not classified again since it changed.
+        self._stmt_epoch: tuple[str, str] | None = None
+        self._stale: set[bytes] = set()
         # portal → (SQL text, classification) of the statement it was bound to: a snapshot, so
         # re-parsing the statement name later cannot change what the portal is decided on.
         self._portals: dict[bytes, tuple[str | None, Classification]] = {}
@@ -419,6 +423,8 @@ class Session:
             prepared = self._statements.get(stmt)
             if prepared is None:  # a statement of SQL PREPARE, or one we never saw
                 prepared = (None, self._sql_prepared(stmt))
+            elif self._stmt_epoch != self._cache.epoch:
+                prepared = self._reclassified(stmt, prepared)
             self._portals[portal] = prepared
             self._running.discard(portal)
             fifo.append(K_BIND)
@@ -501,9 +507,27 @@ class Session:
         return self.ctx.classify(text, self._facts, parse_message, self._cache)
 
     def _prepared(self, name: bytes, text: str | None, c: Classification) -> None:
+        if not self._statements:
+            self._stmt_epoch = self._cache.epoch
         self._statements[name] = (text, c)
+        self._stale.discard(name)
         if name:
             self._facts.record_prepared(name.decode("utf-8", "replace"), c.classes)
+
+    def _reclassified(self, stmt: bytes,
+                      prepared: tuple[str | None, Classification]) -> tuple[str | None,
+                                                                          Classification]:
+        """The rules or the catalog changed since this session's statements were classified:
+        classify this one again before it is bound (in process: a reload is rare)."""
+        text = prepared[0]
+        if self._stmt_epoch != self._cache.epoch:
+            self._stmt_epoch = self._cache.epoch
+            self._stale = set(self._statements)
+        if stmt in self._stale and text is not None:
+            self._stale.discard(stmt)
+            prepared = (text, self._cache.classify(text, self._facts, parse_message=True))
+            self._statements[stmt] = prepared
+        return prepared
 
     async def _guarded(self, work: Any) -> None:
         """Run a hold or offload task; a bug in it ends this session (never the statement

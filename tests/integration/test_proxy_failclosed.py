@@ -132,3 +132,20 @@ def test_text_in_a_client_only_encoding_is_unknown(pg, proxy_factory):
         s.sendall(m.query("SELECT 1"))
         (err,) = errors(read_messages(s))
         assert err["C"] == "42501" and "unknown" in err["M"]
+
+
+def test_prepared_statements_are_classified_again_after_a_rules_reload(pg, proxy_factory):
+    pg.psql(TABLE, dbname="app")
+    cfg = policy(["read", "tx"])
+    cfg["pii"] = {"tables": {"public.other": ["x"]}}  # fc_users.email is not PII yet
+    proxy = proxy_factory(pg, cfg)
+    with connect_raw(proxy) as s:
+        md5_login(s)
+        s.sendall(m.parse(b"q", "SELECT email FROM fc_users") + bind(b"", b"q")
+                  + m.execute(b"") + m.sync())
+        assert "D" in [t for t, _ in read_messages(s)]
+        reload(proxy, policy(["read", "tx"]))  # now fc_users.email is PII
+        s.sendall(bind(b"", b"q") + m.execute(b"") + m.sync())
+        msgs = read_messages(s)
+        (err,) = errors(msgs)
+        assert err["C"] == "42501" and "pii" in err["M"], err
