@@ -648,6 +648,10 @@ class PiiResolver:
             if join.args.get("on") is not None:
                 self.visit(join.args["on"], frame)
         self._set_items(node.expressions, src, frame)
+        self._dml_tail(node, frame)
+
+    def _dml_tail(self, node: exp.Expression, frame: _Frame) -> None:
+        """WHERE, RETURNING, ORDER BY and LIMIT of an UPDATE or DELETE."""
         for key in ("where", "returning", "order", "limit"):
             value = node.args.get(key)
             if isinstance(value, exp.Returning):
@@ -661,12 +665,7 @@ class PiiResolver:
         self._touch_all(src.relations)  # rows destroyed
         for item in node.args.get("using") or []:
             self._register_from_item(item, frame)
-        for key in ("where", "returning", "order", "limit"):
-            value = node.args.get(key)
-            if isinstance(value, exp.Returning):
-                self._returning(value, frame)
-            elif isinstance(value, exp.Expression):
-                self.visit(value, frame)
+        self._dml_tail(node, frame)
 
     def _merge(self, node: exp.Merge, outer: _Frame) -> None:
         frame = _Frame(self._with(node, outer))

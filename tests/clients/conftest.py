@@ -12,6 +12,7 @@ at the first Execute, and PostgreSQL's own earlier error comes first.)
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -172,3 +173,16 @@ def node_modules() -> Path:
         subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
                        cwd=node_dir, check=True, timeout=300)
     return node_dir / "node_modules"
+
+
+def scenario_results(stdout: str, stderr: str, scenarios: list[str], runner: str) -> dict[str, Any]:
+    """Collect the `{"scenario", "result"}` JSON lines a runner printed; every scenario must
+    have one."""
+    results: dict[str, Any] = {}
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            obj = json.loads(line)
+            results[obj["scenario"]] = obj["result"]
+    missing = [s for s in scenarios if s not in results]
+    assert not missing, f"{runner} gave no result for {missing}:\n{stderr[-3000:]}"
+    return results

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.clients.conftest import HERE, Target, assert_same, sqlstate_of
+from tests.clients.conftest import HERE, Target, assert_same, scenario_results, sqlstate_of
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -24,14 +23,7 @@ def run_matrix(node_modules: Path, t: Target, scenarios: list[str],
            "scenarios": scenarios}
     out = subprocess.run(["node", str(HERE / "node" / "matrix.js"), json.dumps(cfg)],
                          capture_output=True, text=True, timeout=timeout, cwd=HERE / "node")
-    results: dict[str, Any] = {}
-    for line in out.stdout.splitlines():
-        if line.startswith("{"):
-            obj = json.loads(line)
-            results[obj["scenario"]] = obj["result"]
-    missing = [s for s in scenarios if s not in results]
-    assert not missing, f"matrix.js gave no result for {missing}:\n{out.stderr[-3000:]}"
-    return results
+    return scenario_results(out.stdout, out.stderr, scenarios, "matrix.js")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ One JVM run per target holds every scenario; each test below checks one scenario
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 
 from pgguard.localpg import LocalPostgres
-from tests.clients.conftest import HERE, Target, assert_same, sqlstate_of
+from tests.clients.conftest import HERE, Target, assert_same, scenario_results, sqlstate_of
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,14 +29,7 @@ def run_matrix(jar: Path, t: Target, scenarios: list[str], timeout: float = 240)
             f"admin=jdbc:postgresql://127.0.0.1:{pg.port}/app",
             f"password={t.password()}", "scenarios=" + ",".join(scenarios)]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    results: dict[str, Any] = {}
-    for line in out.stdout.splitlines():
-        if line.startswith("{"):
-            obj = json.loads(line)
-            results[obj["scenario"]] = obj["result"]
-    missing = [s for s in scenarios if s not in results]
-    assert not missing, f"Matrix.java gave no result for {missing}:\n{out.stderr[-3000:]}"
-    return results
+    return scenario_results(out.stdout, out.stderr, scenarios, "Matrix.java")
 
 
 @pytest.fixture(scope="module")
