@@ -326,26 +326,15 @@ class PiiResolver:
         self._anonymous(node, frame, None)
 
     def _all_children(self, node: exp.Expression, frame: _Frame) -> None:
-        visit = self.visit
-        for value in node.args.values():
-            if isinstance(value, exp.Expression):
-                visit(value, frame)
-            elif isinstance(value, list):
-                for v in value:
-                    if isinstance(v, exp.Expression):
-                        visit(v, frame)
+        self._children(node, frame, ())
 
     def _children(self, node: exp.Expression, frame: _Frame, skip: tuple[str, ...]) -> None:
-        if not skip:
-            self._all_children(node, frame)
-            return
         visit = self.visit
         for key, value in node.args.items():
-            if key in skip or value is None:
-                continue
             if isinstance(value, exp.Expression):
-                visit(value, frame)
-            elif isinstance(value, list):
+                if not skip or key not in skip:
+                    visit(value, frame)
+            elif isinstance(value, list) and (not skip or key not in skip):
                 for v in value:
                     if isinstance(v, exp.Expression):
                         visit(v, frame)
