@@ -389,6 +389,76 @@ def _statement_fields(fields: dict[str, Any], include_literals: bool,
         fields["sql"] = sql
 
 
+_FAST_STATEMENT = object()  # the queue's event slot for emit_statement() tuples
+
+
+class _Templates:
+    """Statement events from one classification and session differ only in their duration,
+    error, id, prev, rows, stepup_event and ts. For each such family the canonical JSON is
+    made once with a marker in place of each variable value, and the markers replaced by `%s`
+    (a literal `%` doubled): writing an event is one `%` formatting with the JSON of each
+    value, which gives exactly `canonical_json()` of the event (tests/unit/test_audit.py
+    checks it, whatever the values)."""
+
+    __slots__ = ("_cache", "_derived", "_marks")
+    LIMIT = 4096
+    SLOTS = ("duration", "error", "id", "prev", "rows", "stepup_event", "ts")  # sorted
+
+    def __init__(self, derived: _DerivedFields) -> None:
+        self._cache: dict[tuple[Any, ...], tuple[Any, str]] = {}
+        self._derived = derived
+        # A NUL cannot occur in SQL text, user names or addresses from the wire; the nonce
+        # makes a clash impossible in practice anyway (a clash falls back to the slow path).
+        nonce = os.urandom(8).hex()
+        self._marks = {k: f"\x00{nonce}:{k}\x00" for k in self.SLOTS}
+
+    def get(self, sink: AuditSink, c: Any, session: str, user: str, client_addr: str,
+            decision: str, rule: str | None, has_rows: bool, has_error: bool,
+            has_stepup: bool) -> str | None:
+        key = (id(c), session, user, client_addr, decision, rule, has_rows, has_error,
+               has_stepup)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is c:
+            return hit[1]
+        parts = self._make(sink, c, session, user, client_addr, decision, rule, has_rows,
+                           has_error, has_stepup)
+        if parts is None:
+            return None
+        if len(self._cache) >= self.LIMIT:
+            self._cache.clear()
+        self._cache[key] = (c, parts)  # holding `c` keeps its id from being reused
+        return parts
+
+    def _make(self, sink: AuditSink, c: Any, session: str, user: str, client_addr: str,
+              decision: str, rule: str | None, has_rows: bool, has_error: bool,
+              has_stepup: bool) -> str | None:
+        marks = self._marks
+        fields: dict[str, Any] = {"session": session, "user": user, "client_addr": client_addr,
+                                  "classification": c, "decision": decision, "rule": rule,
+                                  "duration": marks["duration"]}
+        if has_rows:
+            fields["rows"] = marks["rows"]
+        if has_error:
+            fields["error"] = marks["error"]
+        if has_stepup:
+            fields["stepup_event"] = marks["stepup_event"]
+        _statement_fields(fields, sink.config.include_literals, self._derived)
+        record: dict[str, Any] = {"id": marks["id"], "ts": marks["ts"], "event": STATEMENT}
+        for k, v in fields.items():
+            if k not in _RESERVED:
+                record[k] = v if type(v) in _PLAIN else _jsonable(v)
+        record["prev"] = marks["prev"]
+        text = canonical_json(record).decode("utf-8").replace("%", "%%")
+        for k in self.SLOTS:
+            if k in record:
+                mark = json.dumps(marks[k], ensure_ascii=False)
+                if text.count(mark) != 1:
+                    return None
+                # ts and prev are strings whose values need no escaping: keep their quotes.
+                text = text.replace(mark, '"%s"' if k in ("ts", "prev") else "%s")
+        return text
+
+
 # -- the sink ------------------------------------------------------------------------------------
 
 
@@ -431,6 +501,7 @@ class AuditSink:
         self._ts_sec = -1
         self._ts_prefix = ""
         self._derived = _DerivedFields()
+        self._templates = _Templates(self._derived)
         self._last_hash = GENESIS
         self._last_fsync = 0.0
         self._dirty = False
@@ -549,6 +620,23 @@ class AuditSink:
         self._queue.put((self._clock(), event, fields))
         return ref
 
+    def emit_statement(self, session: str, user: str, client_addr: str, classification: Any,
+                       decision: str, rule: str | None, duration: float,
+                       rows: int | None = None, error: str | None = None,
+                       stepup_event: Any = None) -> None:
+        """The `statement` event of a forwarded statement, at completion: what `emit(STATEMENT,
+        ...)` writes, for the hot path. It queues one tuple (no dict, no EventRef); the writer
+        formats it from a template made once per classification and session (`_Templates`)."""
+        if self._closed:
+            return
+        if self._held + self._queue.qsize() >= self.config.max_pending:
+            self._dropped_total += 1
+            self._healthy = False
+            return
+        self._queue.put((self._clock(), _FAST_STATEMENT,
+                         (session, user, client_addr, classification, decision, rule, duration,
+                          rows, error, stepup_event)))
+
     # -- the writer thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -623,8 +711,12 @@ class AuditSink:
             if dropped:
                 # Say in the record that events are missing (before the ones that follow).
                 lines.append(self._chain(self._clock(), AUDIT_GAP, {"dropped": dropped}))
+            chain, fast = self._chain, self._chain_statement
             for ts, event, fields in batch:
-                lines.append(self._chain(ts, event, dict(fields)))
+                if event is _FAST_STATEMENT:
+                    lines.append(fast(ts, fields))
+                else:
+                    lines.append(chain(ts, event, dict(fields)))
             data = b"".join(lines)
             if self._file is not None and data:
                 self._file.write(data)
@@ -673,6 +765,47 @@ class AuditSink:
         self._last_id = rid
         self._last_hash = digest
         return body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+
+    def _chain_statement(self, ts: float, args: tuple[Any, ...]) -> bytes:
+        """`_chain` of an `emit_statement` event: the same bytes, from a template."""
+        (session, user, client_addr, c, decision, rule, duration, rows, error,
+         stepup) = args
+        if type(stepup) is EventRef:
+            stepup = stepup.id
+        fmt = self._templates.get(self, c, session, user, client_addr, decision, rule,
+                                  rows is not None, error is not None, stepup is not None)
+        if fmt is None:  # a value the template cannot hold: the general path
+            fields: dict[str, Any] = {
+                "session": session, "user": user, "client_addr": client_addr,
+                "classification": c, "decision": decision, "rule": rule,
+                "duration": round(duration, 6)}
+            for k, v in (("rows", rows), ("error", error), ("stepup_event", stepup)):
+                if v is not None:
+                    fields[k] = v
+            return self._chain(ts, STATEMENT, fields)
+        rid = self._last_id + 1
+        # The variable values in sorted-key order (_Templates.SLOTS): duration, error, id,
+        # prev, rows, stepup_event, ts; each as its JSON.
+        if rows is not None and error is None and stepup is None:  # the usual statement
+            text = fmt % (repr(round(duration, 6)), rid, self._last_hash, int(rows),
+                          self._format_ts(ts))
+        else:
+            values: list[Any] = [repr(round(duration, 6))]
+            if error is not None:
+                values.append(json.dumps(error, ensure_ascii=False))
+            values.append(rid)
+            values.append(self._last_hash)
+            if rows is not None:
+                values.append(int(rows))
+            if stepup is not None:
+                values.append(json.dumps(_jsonable(stepup), ensure_ascii=False))
+            values.append(self._format_ts(ts))
+            text = fmt % tuple(values)
+        body = text.encode("utf-8")
+        digest = hashlib.sha256(body).hexdigest()
+        self._last_id = rid
+        self._last_hash = digest
+        return b"%s,\"hash\":\"%s\"}\n" % (body[:-1], digest.encode())
 
     def _format_ts(self, ts: float) -> str:
         """format_ts(), with the whole-second part cached (events come many per second)."""

@@ -21,7 +21,9 @@ each series exists at 0 from the first scrape (rate() and absent() behave, dashb
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -31,9 +33,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 
 from pgguard.classify import StatementClass
 
@@ -115,6 +119,88 @@ def sensitivity(classes: Iterable[StatementClass]) -> str:
     return _SENSITIVITY[key]
 
 
+# -- per-statement series: plain numbers, read at scrape time ------------------------------------
+#
+# prometheus_client takes a lock in every inc()/observe(); the relay counts and times every
+# statement, so those series are plain attributes bumped by the event loop thread (the only
+# thread that touches them) and turned into metric families when /metrics is scraped.
+
+
+class Tally:
+    """A counter child without a lock: for series only the event loop thread updates."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("counters can only go up")
+        self.value += amount
+
+
+class TallyHistogram:
+    """A histogram without a lock: one bucket count and the sum per observation."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1  # le: upper bounds are inclusive
+        self.sum += amount
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            out.append((floatToGoString(bound), total))
+        return out
+
+
+class _HotSeries:
+    """The collector that exposes the Tally series as counters and histograms."""
+
+    def __init__(self) -> None:
+        self.created = time.time()
+        self.counters: list[tuple[str, str, tuple[str, ...], dict[tuple[str, ...], Tally]]] = []
+        self.histograms: list[tuple[str, str, TallyHistogram]] = []
+
+    def counter(self, name: str, doc: str, labels: tuple[str, ...],
+                values: Iterable[tuple[str, ...]]) -> dict[tuple[str, ...], Tally]:
+        children = {v: Tally() for v in values}
+        self.counters.append((name, doc, labels, children))
+        return children
+
+    def histogram(self, name: str, doc: str, bounds: Sequence[float]) -> TallyHistogram:
+        h = TallyHistogram(bounds)
+        self.histograms.append((name, doc, h))
+        return h
+
+    def describe(self) -> Iterator[Metric]:
+        for name, doc, labels, _ in self.counters:
+            yield CounterMetricFamily(name, doc, labels=list(labels))
+        for name, doc, _h in self.histograms:
+            yield HistogramMetricFamily(name, doc)
+
+    def collect(self) -> Iterator[Metric]:
+        for name, doc, labels, children in self.counters:
+            fam = CounterMetricFamily(name, doc, labels=list(labels))
+            for values, tally in children.items():
+                fam.add_metric(list(values), tally.value, created=self.created)
+            yield fam
+        for name, doc, h in self.histograms:
+            hfam = HistogramMetricFamily(name, doc)
+            hfam.add_metric([], h.buckets(), h.sum)
+            hfam.add_sample(name + "_created", {}, self.created)
+            yield hfam
+
+
 class Metrics:
     """pgguard's metrics, registered on `registry` together with process, platform and GC
     collectors (`process=False` leaves those out, e.g. for a second Metrics in one process)."""
@@ -129,26 +215,24 @@ class Metrics:
         self.client_connections = Gauge(
             "pgguard_client_connections", "Client connections open now.", registry=registry)
 
-        statements = Counter(
+        # Per statement: lock-free, event loop thread only (see Tally).
+        hot = _HotSeries()
+        self.statements: dict[tuple[str, ...], Tally] = hot.counter(
             "pgguard_statements_total",
             "Statements decided, by decision and most sensitive class.",
-            ["decision", "sensitivity"], registry=registry)
-        self.statements: dict[tuple[str, str], Any] = {
-            (d, s): statements.labels(decision=d, sensitivity=s)
-            for d in DECISIONS for s in SENSITIVITIES}
-
-        self.statement_seconds = Histogram(
+            ("decision", "sensitivity"), [(d, s) for d in DECISIONS for s in SENSITIVITIES])
+        self.statement_seconds = hot.histogram(
             "pgguard_statement_seconds",
             "Statement time end to end through pgguard (hold time excluded).",
-            buckets=STATEMENT_BUCKETS, registry=registry)
-        self.classify_seconds = Histogram(
+            STATEMENT_BUCKETS)
+        self.classify_seconds = hot.histogram(
             "pgguard_classify_seconds",
             "Time to classify one message that missed the cache (hits are not timed).",
-            buckets=CLASSIFY_BUCKETS, registry=registry)
-
-        cache = Counter("pgguard_classify_cache_total", "Classification cache lookups.",
-                        ["result"], registry=registry)
-        self.classify_cache = {r: cache.labels(result=r) for r in CLASSIFY_CACHE_RESULTS}
+            CLASSIFY_BUCKETS)
+        cache = hot.counter("pgguard_classify_cache_total", "Classification cache lookups.",
+                            ("result",), [(r,) for r in CLASSIFY_CACHE_RESULTS])
+        self.classify_cache = {r[0]: tally for r, tally in cache.items()}
+        registry.register(hot)  # type: ignore[arg-type]
 
         self.holds_active = Gauge(
             "pgguard_holds_active", "Statements held waiting for step-up now.", registry=registry)
@@ -173,7 +257,8 @@ class Metrics:
 
     def count_statement(self, decision: str, classes: Iterable[StatementClass]) -> None:
         """One statement decided: `decision` from DECISIONS; KeyError for anything else."""
-        self.statements[decision, sensitivity(classes)].inc()
+        self.statements[decision, _SENSITIVITY[classes if type(classes) is frozenset
+                                               else frozenset(classes)]].value += 1
 
     def exposition(self) -> bytes:
         """The Prometheus text format of everything in the registry."""

@@ -351,3 +351,76 @@ def test_config_from_validated_settings(tmp_path: Path) -> None:
     assert c == AuditConfig(path=tmp_path / "a.jsonl", include_literals=True, fsync="every",
                             stdout=True)
     assert AuditConfig.from_settings(cfg.AuditConfig(rotate_bytes=1024)).rotate_bytes == 1024
+
+
+# -- the statement fast path (emit_statement) ---------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_FAST_SQL = [
+    "select id from users where email = 'a@b.c'",
+    "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+    "delete from users where id = 1",
+    "selec broken",
+    "select 'ünïcödé \"quoted\" \\\\ back' as x",
+    "",
+]
+_FAST_CLASSIFICATIONS = [classify(sql, RULES) for sql in _FAST_SQL]
+
+
+@settings(max_examples=300, deadline=None)
+@given(session=st.text(max_size=14), user=st.text(max_size=10), addr=st.text(max_size=20),
+       ci=st.integers(0, len(_FAST_SQL) - 1),
+       decision=st.sampled_from(["allowed", "released"]),
+       rule=st.none() | st.text(max_size=8),
+       duration=st.floats(0, 1e4, allow_nan=False),
+       rows=st.none() | st.integers(0, 1 << 62),
+       error=st.none() | st.text(max_size=6),
+       stepup=st.none() | st.integers(0, 1 << 40),
+       ts=st.floats(0, 4e9, allow_nan=False),
+       literals=st.booleans())
+def test_emit_statement_writes_what_emit_writes(session, user, addr, ci, decision, rule,
+                                                duration, rows, error, stepup, ts,
+                                                literals) -> None:
+    """The template path gives the same bytes (and so the same hash chain) as the general one,
+    whatever the values: quotes, backslashes, control characters, NUL (which falls back)."""
+    c = _FAST_CLASSIFICATIONS[ci]
+    general = AuditSink(AuditConfig(path=None, include_literals=literals))
+    fast = AuditSink(AuditConfig(path=None, include_literals=literals))
+    fields = {"session": session, "user": user, "client_addr": addr, "classification": c,
+              "decision": decision, "rule": rule, "duration": round(duration, 6)}
+    for k, v in (("rows", rows), ("error", error), ("stepup_event", stepup)):
+        if v is not None:
+            fields[k] = v
+    for _ in range(2):  # the second time from the cached template
+        want = general._chain(ts, A.STATEMENT, dict(fields))
+        got = fast._chain_statement(ts, (session, user, addr, c, decision, rule, duration,
+                                         rows, error, stepup))
+        assert got == want
+    assert (fast.last_id, fast.last_hash) == (general.last_id, general.last_hash)
+
+
+def test_emit_statement_through_the_writer(tmp_path: Path) -> None:
+    """Interleaved with other events, through the real writer thread; the file verifies and
+    a stepup.success reference resolves to its id."""
+    path = tmp_path / "audit.jsonl"
+    s = sink_at(path)
+    c = _FAST_CLASSIFICATIONS[0]
+    ref = s.emit(A.STEPUP_SUCCESS, session="abcdefghijkl", user="alice")
+    for i in range(50):
+        s.emit_statement("abcdefghijkl", "alice", "10.0.0.7:5000", c, "allowed", "oncall",
+                         i / 1000, rows=i, error="42P01" if i % 7 == 0 else None,
+                         stepup_event=ref if i % 5 == 0 else None)
+        if i % 10 == 0:
+            s.emit(A.SESSION_START, session=f"s{i:011d}", user="bob", client_addr="x")
+    assert s.flush_sync()
+    s.close_sync()
+    evs = events(path)
+    assert len(evs) == 56 and [e["id"] for e in evs] == list(range(1, 57))
+    stmts = [e for e in evs if e["event"] == "statement"]
+    assert [e["rows"] for e in stmts] == list(range(50))
+    assert stmts[5]["stepup_event"] == evs[0]["id"] and "stepup_event" not in stmts[1]
+    assert stmts[7]["error"] == "42P01" and stmts[3]["duration"] == 0.003
+    assert stmts[0]["pii_columns"] == ["public.users.email"]
+    assert verify_files([path]).ok
