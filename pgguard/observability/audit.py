@@ -714,7 +714,7 @@ class AuditSink:
             chain, fast = self._chain, self._chain_statement
             for ts, event, fields in batch:
                 if event is _FAST_STATEMENT:
-                    lines.append(fast(ts, fields))
+                    lines.append(fast(ts, fields))  # type: ignore[arg-type]
                 else:
                     lines.append(chain(ts, event, dict(fields)))
             data = b"".join(lines)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -159,7 +158,7 @@ class TallyHistogram:
         total = 0
         for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
             total += n
-            out.append((floatToGoString(bound), total))
+            out.append((floatToGoString(bound), total))  # type: ignore[no-untyped-call]
         return out
 
 
@@ -232,7 +231,7 @@ class Metrics:
         cache = hot.counter("pgguard_classify_cache_total", "Classification cache lookups.",
                             ("result",), [(r,) for r in CLASSIFY_CACHE_RESULTS])
         self.classify_cache = {r[0]: tally for r, tally in cache.items()}
-        registry.register(hot)  # type: ignore[arg-type]
+        registry.register(hot)
 
         self.holds_active = Gauge(
             "pgguard_holds_active", "Statements held waiting for step-up now.", registry=registry)
