@@ -20,14 +20,19 @@ How the hot path uses it:
     sink.emit(SESSION_START, session=sid, user="alice", client_addr="10.0.0.7:51234")
     sink.emit(STATEMENT, session=sid, user="alice", classification=c, sql=text,
               decision="allowed", rule="oncall", duration=0.0012)
+    sink.emit_statement(sid, "alice", addr, c, "allowed", "oncall", 0.0012, rows=1)  # hot path
     if not sink.healthy: refuse sensitive statements (58000, DESIGN §3)
     await sink.close()
 
-`emit()` only stamps the time and puts the event on a queue (no I/O, no JSON, no hashing); one
-writer thread drains the queue in batches, chains, writes, fsyncs (`every` batch, or at most
-every `fsync_interval` seconds) and rotates. A write error marks the sink unhealthy, counts the
-error (`on_error`: the `pgguard_audit_errors_total` counter), keeps the batch, and retries; the
-sink is healthy again once a write succeeds.
+`emit()` chains the event where it is called (id, prev, hash: a few µs, no I/O; statement
+events from a cached template) and queues the line; one writer thread drains the queue in
+batches, writes, fsyncs (`every` batch, or at most every `fsync_interval` seconds) and
+rotates. Chaining in the caller's thread keeps the writer from competing with the event loop
+for the GIL; when the file does not end where the queued chain starts (another process such
+as `pgguard enroll` appended, or the file was replaced), the writer chains the waiting events
+again from the file's last event. A write error marks the sink unhealthy, counts the error
+(`on_error`: the `pgguard_audit_errors_total` counter), keeps the batch, and retries; the sink
+is healthy again once a write succeeds.
 """
 
 from __future__ import annotations
@@ -301,9 +306,9 @@ def _truncate_partial_line(path: Path) -> None:
 
 
 class EventRef:
-    """What `emit()` returns: the event's `id` once the writer has chained it. Pass it as a
-    field of a later event (`stepup_event=ref`) and that event records the id (the writer
-    handles events in order, so the id is known by then)."""
+    """What `emit()` returns: the event's `id` (set when it is chained, i.e. by emit() itself,
+    and again if the writer has to chain it again). Pass it as a field of a later event
+    (`stepup_event=ref`) and that event records the id."""
 
     __slots__ = ("id",)
 
@@ -400,12 +405,14 @@ class _Templates:
     value, which gives exactly `canonical_json()` of the event (tests/unit/test_audit.py
     checks it, whatever the values)."""
 
-    __slots__ = ("_cache", "_derived", "_marks")
+    __slots__ = ("_derived", "_marks", "cache")
     LIMIT = 4096
     SLOTS = ("duration", "error", "id", "prev", "rows", "stepup_event", "ts")  # sorted
 
     def __init__(self, derived: _DerivedFields) -> None:
-        self._cache: dict[tuple[Any, ...], tuple[Any, str]] = {}
+        # (id(c), session, user, client_addr, decision, rule, has_rows, has_error,
+        # has_stepup) → (c, template); the sink reads it directly on the hot path.
+        self.cache: dict[tuple[Any, ...], tuple[Any, str]] = {}
         self._derived = derived
         # A NUL cannot occur in SQL text, user names or addresses from the wire; the nonce
         # makes a clash impossible in practice anyway (a clash falls back to the slow path).
@@ -417,16 +424,16 @@ class _Templates:
             has_stepup: bool) -> str | None:
         key = (id(c), session, user, client_addr, decision, rule, has_rows, has_error,
                has_stepup)
-        hit = self._cache.get(key)
+        hit = self.cache.get(key)
         if hit is not None and hit[0] is c:
             return hit[1]
         parts = self._make(sink, c, session, user, client_addr, decision, rule, has_rows,
                            has_error, has_stepup)
         if parts is None:
             return None
-        if len(self._cache) >= self.LIMIT:
-            self._cache.clear()
-        self._cache[key] = (c, parts)  # holding `c` keeps its id from being reused
+        if len(self.cache) >= self.LIMIT:
+            self.cache.clear()
+        self.cache[key] = (c, parts)  # holding `c` keeps its id from being reused
         return parts
 
     def _make(self, sink: AuditSink, c: Any, session: str, user: str, client_addr: str,
@@ -488,10 +495,18 @@ class AuditSink:
         self._clock = clock
         self._stdout = stdout if stdout is not None else (sys.stdout if config.stdout else None)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        # Each counter has one writing thread: emit() bumps _dropped_total, the writer the rest.
         self._held = 0             # events the writer holds (retrying), not in the queue
         self._dropped_total = 0    # events refused because the backlog was full
-        self._dropped_written = 0  # ... of which an audit.gap event has told the record
+        self._dropped_chained = 0  # ... of which an audit.gap event has told the record
+        # The chain is made where events are emitted, under this lock: `_last_id`/`_last_hash`
+        # are the newest event chained. `_file_id`/`_file_hash` are the last event in the file
+        # as the writer thread knows it; when another process appended (or the file changed
+        # under us), the writer chains the waiting events again from there (`_rebase`).
+        self._chain_lock = threading.Lock()
+        self._file_id = 0
+        self._file_hash = GENESIS
+        self._late_barriers: list[_Barrier] = []
+        self._late_stop = False
         self._healthy = True
         self._errors = 0
         self._closed = False
@@ -527,7 +542,7 @@ class AuditSink:
 
     @property
     def last_hash(self) -> str:
-        """The hash of the last event written (GENESIS before the first)."""
+        """The hash of the last event chained (GENESIS before the first)."""
         return self._last_hash
 
     @property
@@ -547,6 +562,7 @@ class AuditSink:
                 self._open()
             except OSError as exc:
                 self._failed(exc)
+            self._last_id, self._last_hash = self._file_id, self._file_hash
         self._thread = threading.Thread(target=self._run, name="pgguard-audit", daemon=True)
         self._thread.start()
 
@@ -599,7 +615,8 @@ class AuditSink:
     # -- the hot path ---------------------------------------------------------------------------
 
     def emit(self, event: str, **fields: Any) -> EventRef:
-        """Queue one event. Cheap: no I/O, no formatting. Values must not be mutated afterwards.
+        """Chain one event and queue its line for the writer (no I/O here). Values must not be
+        mutated afterwards (a rare re-chain reads them again).
 
         `statement` events may pass `classification=` (expanded into classes, tables,
         pii_columns, fingerprint, redacted_sql) and `sql=` (written only with include_literals).
@@ -617,7 +634,12 @@ class AuditSink:
             self._healthy = False
             return ref
         fields["_ref"] = ref
-        self._queue.put((self._clock(), event, fields))
+        ts = self._clock()
+        with self._chain_lock:
+            self._say_gap()
+            prev = self._last_hash
+            line = self._chain(ts, event, dict(fields))
+            self._queue.put((line, prev, ts, event, fields))
         return ref
 
     def emit_statement(self, session: str, user: str, client_addr: str, classification: Any,
@@ -625,22 +647,38 @@ class AuditSink:
                        rows: int | None = None, error: str | None = None,
                        stepup_event: Any = None) -> None:
         """The `statement` event of a forwarded statement, at completion: what `emit(STATEMENT,
-        ...)` writes, for the hot path. It queues one tuple (no dict, no EventRef); the writer
-        formats it from a template made once per classification and session (`_Templates`)."""
+        ...)` writes, for the hot path: no dict, no EventRef, and the line made by one `%`
+        formatting of a template made once per classification and session (`_Templates`)."""
         if self._closed:
             return
         if self._held + self._queue.qsize() >= self.config.max_pending:
             self._dropped_total += 1
             self._healthy = False
             return
-        self._queue.put((self._clock(), _FAST_STATEMENT,
-                         (session, user, client_addr, classification, decision, rule, duration,
-                          rows, error, stepup_event)))
+        args = (session, user, client_addr, classification, decision, rule, duration, rows,
+                error, stepup_event)
+        ts = self._clock()
+        with self._chain_lock:
+            if self._dropped_total != self._dropped_chained:
+                self._say_gap()
+            prev = self._last_hash
+            self._queue.put((self._chain_statement(ts, args), prev, ts, _FAST_STATEMENT, args))
+
+    def _say_gap(self) -> None:
+        """Under the chain lock: if events were dropped, chain an audit.gap saying how many."""
+        dropped = self._dropped_total - self._dropped_chained
+        if dropped:
+            self._dropped_chained += dropped
+            ts = self._clock()
+            prev = self._last_hash
+            fields = {"dropped": dropped}
+            self._queue.put((self._chain(ts, AUDIT_GAP, dict(fields)), prev, ts, AUDIT_GAP,
+                             fields))
 
     # -- the writer thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        batch: list[tuple[float, str, dict[str, Any]]] = []
+        batch: list[tuple[bytes, str, float, Any, Any]] = []
         barriers: list[_Barrier] = []
         stopping = False
         while True:
@@ -654,6 +692,11 @@ class AuditSink:
                 # Events trickle in one per statement: wait a moment so that one write (one
                 # flock, one syscall) carries many of them.
                 time.sleep(LINGER_SECONDS)
+            if self._dropped_total != self._dropped_chained:
+                with self._chain_lock:  # nothing was emitted since the drops: say so now
+                    self._say_gap()
+                if item is None:
+                    item = self._queue.get_nowait()  # the audit.gap just queued
             # Drain whatever else is there: one write (and one fsync) per batch.
             while item is not None:
                 if item is _STOP:
@@ -668,10 +711,14 @@ class AuditSink:
                     item = None
             self._held = len(batch)
             reopen = self._needs_reopen and self.config.path is not None
-            if batch or self._dropped_total > self._dropped_written or reopen:
+            if batch or reopen:
                 if self._write(batch):
                     batch = []
                     self._held = 0
+                if self._late_barriers:  # taken from the queue by a re-chain
+                    barriers += self._late_barriers
+                    self._late_barriers = []
+                stopping = stopping or self._late_stop
             elif self._dirty and self.config.fsync == "interval":
                 self._fsync_if_due()
             if barriers:
@@ -697,27 +744,18 @@ class AuditSink:
             return max(0.0, self._last_fsync + self.config.fsync_interval - time.monotonic())
         return None
 
-    def _write(self, batch: list[tuple[float, str, dict[str, Any]]]) -> bool:
-        """Chain, write and (maybe) fsync one batch. False, with the chain state unchanged, if
-        anything failed: the caller keeps the batch and retries."""
-        last_id, last_hash = self._last_id, self._last_hash
+    def _write(self, batch: list[tuple[bytes, str, float, Any, Any]]) -> bool:
+        """Write and (maybe) fsync one batch of chained lines. False if anything failed: the
+        caller keeps the batch and retries. The batch may be chained again (`_rebase`) when
+        the file does not end where its first line's `prev` says."""
         try:
             if self._needs_reopen and self.config.path is not None:
                 self._open()
             if self._file is not None:
                 self._lock_for_append()
-            lines: list[bytes] = []
-            dropped = self._dropped_total - self._dropped_written
-            if dropped:
-                # Say in the record that events are missing (before the ones that follow).
-                lines.append(self._chain(self._clock(), AUDIT_GAP, {"dropped": dropped}))
-            chain, fast = self._chain, self._chain_statement
-            for ts, event, fields in batch:
-                if event is _FAST_STATEMENT:
-                    lines.append(fast(ts, fields))  # type: ignore[arg-type]
-                else:
-                    lines.append(chain(ts, event, dict(fields)))
-            data = b"".join(lines)
+                if batch and batch[0][1] != self._file_hash:
+                    self._rebase(batch)
+            data = b"".join([item[0] for item in batch])
             if self._file is not None and data:
                 self._file.write(data)
                 self._file.flush()
@@ -731,9 +769,10 @@ class AuditSink:
                 with contextlib.suppress(Exception):
                     self._stdout.write(data.decode("utf-8"))
                     self._stdout.flush()
-            self._dropped_written += dropped
+            if batch and self._file is not None:
+                last = json.loads(batch[-1][0])
+                self._file_id, self._file_hash = int(last["id"]), str(last["hash"])
         except (OSError, AuditError) as exc:
-            self._last_id, self._last_hash = last_id, last_hash
             self._failed(exc)
             return False
         finally:
@@ -746,6 +785,34 @@ class AuditSink:
         self._maybe_rotate()
         return True
 
+    def _rebase(self, batch: list[tuple[bytes, str, float, Any, Any]]) -> None:
+        """The file does not end where the batch's chain starts (another process appended, or
+        the file was replaced): chain the batch again from the file's last event, with every
+        event emitted since (taken from the queue, so the emitters continue from the new
+        head), under the chain lock. Rare; EventRef ids are re-assigned in order, so events
+        that point at a re-chained one get its new id."""
+        with self._chain_lock:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    self._late_stop = True
+                elif isinstance(item, _Barrier):
+                    self._late_barriers.append(item)
+                else:
+                    batch.append(item)
+            self._last_id, self._last_hash = self._file_id, self._file_hash
+            for i, (_, _, ts, event, fields) in enumerate(batch):
+                prev = self._last_hash
+                if event is _FAST_STATEMENT:
+                    line = self._chain_statement(ts, fields)
+                else:
+                    line = self._chain(ts, event, dict(fields))
+                batch[i] = (line, prev, ts, event, fields)
+            self._held = len(batch)
+
     def _chain(self, ts: float, event: str, fields: dict[str, Any]) -> bytes:
         """One line of the trail. The canonical JSON of the event without `hash` is both what
         is hashed and the line itself, with `hash` appended: one serialisation per event."""
@@ -755,7 +822,7 @@ class AuditSink:
         record: dict[str, Any] = {"id": rid, "ts": self._format_ts(ts), "event": event}
         ref = fields.get("_ref")
         if ref is not None:
-            ref.id = rid  # later events that point at this one read it (same thread)
+            ref.id = rid  # later events that point at this one read it (chained after it)
         for k, v in fields.items():
             if k not in _RESERVED:
                 record[k] = v if type(v) in _PLAIN else _jsonable(v)
@@ -772,8 +839,12 @@ class AuditSink:
          stepup) = args
         if type(stepup) is EventRef:
             stepup = stepup.id
-        fmt = self._templates.get(self, c, session, user, client_addr, decision, rule,
-                                  rows is not None, error is not None, stepup is not None)
+        has_rows, has_error, has_stepup = rows is not None, error is not None, stepup is not None
+        hit = self._templates.cache.get((id(c), session, user, client_addr, decision, rule,
+                                         has_rows, has_error, has_stepup))
+        fmt = hit[1] if hit is not None and hit[0] is c else self._templates.get(
+            self, c, session, user, client_addr, decision, rule, has_rows, has_error,
+            has_stepup)
         if fmt is None:  # a value the template cannot hold: the general path
             fields: dict[str, Any] = {
                 "session": session, "user": user, "client_addr": client_addr,
@@ -784,11 +855,15 @@ class AuditSink:
                     fields[k] = v
             return self._chain(ts, STATEMENT, fields)
         rid = self._last_id + 1
+        sec, us = divmod(round(ts * 1e6), 1_000_000)  # _format_ts(), inline
+        if sec != self._ts_sec:
+            self._ts_sec = sec
+            self._ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        ts_text = f"{self._ts_prefix}.{us:06d}Z"
         # The variable values in sorted-key order (_Templates.SLOTS): duration, error, id,
         # prev, rows, stepup_event, ts; each as its JSON.
-        if rows is not None and error is None and stepup is None:  # the usual statement
-            text = fmt % (repr(round(duration, 6)), rid, self._last_hash, int(rows),
-                          self._format_ts(ts))
+        if has_rows and not has_error and not has_stepup:  # the usual statement
+            text = fmt % (repr(round(duration, 6)), rid, self._last_hash, int(rows), ts_text)
         else:
             values: list[Any] = [repr(round(duration, 6))]
             if error is not None:
@@ -799,7 +874,7 @@ class AuditSink:
                 values.append(int(rows))
             if stepup is not None:
                 values.append(json.dumps(_jsonable(stepup), ensure_ascii=False))
-            values.append(self._format_ts(ts))
+            values.append(ts_text)
             text = fmt % tuple(values)
         body = text.encode("utf-8")
         digest = hashlib.sha256(body).hexdigest()
@@ -833,8 +908,8 @@ class AuditSink:
         _truncate_partial_line(self.config.path)
         last = last_event(self.config.path)
         if last is not None:
-            self._last_id = int(last["id"])
-            self._last_hash = str(last["hash"])
+            self._file_id = int(last["id"])
+            self._file_hash = str(last["hash"])
 
     def _open(self) -> None:
         assert self.config.path is not None

@@ -208,15 +208,6 @@ class ProxyContext:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
-    def statement_decided(self, session: Session, c: Classification, decision: str,
-                          rule: str | None) -> None:
-        self.on_statement(session, c, decision, rule)
-
-    def statement_done(self, session: Session, c: Classification, decision: str,
-                       rule: str | None, seconds: float, rows: int | None, error: str | None,
-                       stepup_event: object | None) -> None:
-        self.on_statement_done(session, c, decision, rule, seconds, rows, error, stepup_event)
-
     def session_ready(self, session: Session) -> None:
         self.by_id[session.id] = session
         self.on_session(session, True)

@@ -586,7 +586,7 @@ class Session:
             if refusal is not None:
                 verdict = refusal
         if isinstance(verdict, Refuse):
-            self.ctx.statement_decided(self, c, "denied", verdict.rule)
+            self.ctx.on_statement(self, c, "denied", verdict.rule)
             self._refused(kind, m.error_response(
                 verdict.sqlstate, verdict.message, detail=verdict.detail, hint=verdict.hint),
                 portal)
@@ -594,7 +594,7 @@ class Session:
         if isinstance(verdict, NeedStepUp):
             self._held = (kind, c, verdict, text, portal)
             return HOLD
-        self.ctx.statement_decided(self, c, "allowed", verdict.rule)
+        self.ctx.on_statement(self, c, "allowed", verdict.rule)
         self._forwarded(kind, c, "allowed", verdict.rule, None, text, portal)
         return FORWARD
 
@@ -723,7 +723,7 @@ class Session:
                     f"pgguard: statement held: step-up required ({need.triggers})",
                     detail=f"session {self.id}, user {self.user}, waiting up to {timeout:g} s",
                     hint=hold_hint(self.id, url)))
-            ctx.statement_decided(self, c, "held", need.rule)
+            ctx.on_statement(self, c, "held", need.rule)
             if self.server is not None:
                 # Replies to the messages before the held one stay in the server's send buffer
                 # until a Flush or Sync, and the client's is queued behind the hold: send one
@@ -747,10 +747,10 @@ class Session:
             else:
                 error = self._recheck_release(c, text)
             refused_at_release = outcome is HoldOutcome.RELEASED and error is not None
-            ctx.statement_decided(self, c, "denied" if refused_at_release
+            ctx.on_statement(self, c, "denied" if refused_at_release
                                   else _OUTCOME_DECISION[outcome], need.rule)
         elif error is not None:
-            ctx.statement_decided(self, c, "denied", need.rule)
+            ctx.on_statement(self, c, "denied", need.rule)
         if self.state != READY:
             return
         self._held = None
@@ -887,7 +887,7 @@ class Session:
     def _finished(self, t: _Tracked) -> None:
         if t.resets_encoding:
             self._settle_at_z = True  # the server reports changed settings just before Z
-        self.ctx.statement_done(self, t.classification, t.decision, t.rule,
+        self.ctx.on_statement_done(self, t.classification, t.decision, t.rule,
                                 time.monotonic() - t.started, t.rows, t.error, t.stepup_event)
 
     def _on_server_startup_frame(self, typ: int, buf: bytes, start: int, end: int) -> bytes | None:

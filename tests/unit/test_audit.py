@@ -424,3 +424,40 @@ def test_emit_statement_through_the_writer(tmp_path: Path) -> None:
     assert stmts[7]["error"] == "42P01" and stmts[3]["duration"] == 0.003
     assert stmts[0]["pii_columns"] == ["public.users.email"]
     assert verify_files([path]).ok
+
+
+def test_foreign_append_while_events_wait_rechains_them(tmp_path: Path) -> None:
+    """Events are chained when emitted; if another process appends before the writer writes
+    them (here: this test, holding the file's flock as `pgguard enroll` does), the writer
+    chains them again after the foreign line, and references follow the new ids."""
+    import fcntl
+
+    path = tmp_path / "audit.jsonl"
+    s = sink_at(path)
+    try:
+        s.emit(A.SESSION_START, session="abcdefghijkl", user="alice", client_addr="x")
+        assert s.flush_sync()
+        with open(path, "ab") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            ref = s.emit(A.STEPUP_SUCCESS, session="abcdefghijkl", user="alice")
+            s.emit_statement("abcdefghijkl", "alice", "x", _FAST_CLASSIFICATIONS[1], "released",
+                             "oncall", 0.5, rows=3, stepup_event=ref)
+            assert ref.id == 2  # chained at emit time, after the session.start
+            last = events(path)[-1]
+            foreign = {"id": last["id"] + 1, "ts": "2026-01-01T00:00:00.000000Z",
+                       "event": A.ENROLL, "user": "bob", "prev": last["hash"]}
+            foreign["hash"] = A.chain_hash(foreign)
+            f.write(A.canonical_json(foreign) + b"\n")
+            f.flush()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        assert s.flush_sync()
+        s.emit(A.SESSION_END, session="abcdefghijkl", user="alice")
+        assert s.flush_sync()
+    finally:
+        s.close_sync()
+    evs = events(path)
+    assert [e["event"] for e in evs] == ["session.start", "enroll", "stepup.success",
+                                         "statement", "session.end"]
+    assert [e["id"] for e in evs] == [1, 2, 3, 4, 5]
+    assert ref.id == 3 and evs[3]["stepup_event"] == 3 and evs[3]["rows"] == 3
+    assert verify_files([path]).ok
