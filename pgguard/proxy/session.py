@@ -128,7 +128,7 @@ class _Tracked:
     decision: str  # allowed | released
     rule: str | None
     stepup_event: object | None
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)  # then: its duration, once done
     rows: int | None = None
     error: str | None = None  # SQLSTATE of the server's error, if any
     resets_encoding: bool = False  # a SET that may change client_encoding / scs
@@ -206,6 +206,7 @@ class Session:
         self._params: dict[str, str] = {}
         self._encoding = "utf-8"
         self._fifo: deque[int | _Marked | _Tracked | _ParseEntry] = deque()
+        self._done: list[_Tracked] = []  # answered, not yet reported (see _finished)
         # prepared statement name → (SQL text or None, its classification)
         self._statements: dict[bytes, tuple[str | None, Classification]] = {}
         # The classifier epoch (rules, catalog) the statements were classified under, and the
@@ -282,6 +283,7 @@ class Session:
                 e.error = e.error or "08006"
                 self._finished(e)
         self._fifo.clear()
+        self._report_done()
         for t in self._tasks:
             t.cancel()
         if not self.done.done():
@@ -786,6 +788,8 @@ class Session:
             out = self._sframer.feed(data)
             if out and self.client is not None:
                 _send(self.client, out)
+            if self._done:
+                self._report_done()
         except ClientRefused as exc:
             self.close(m.error_response(exc.sqlstate, exc.message, severity="FATAL",
                                         hint=exc.hint))
@@ -885,10 +889,20 @@ class Session:
             self._scs_saved = None
 
     def _finished(self, t: _Tracked) -> None:
+        """The server has answered `t`. Its duration is taken now; the audit event and the
+        metrics are made once the reply has been written to the client (`_report_done`), so
+        that bookkeeping is not in the client's round trip."""
         if t.resets_encoding:
             self._settle_at_z = True  # the server reports changed settings just before Z
-        self.ctx.on_statement_done(self, t.classification, t.decision, t.rule,
-                                time.monotonic() - t.started, t.rows, t.error, t.stepup_event)
+        t.started = time.monotonic() - t.started
+        self._done.append(t)
+
+    def _report_done(self) -> None:
+        done, self._done = self._done, []
+        report = self.ctx.on_statement_done
+        for t in done:
+            report(self, t.classification, t.decision, t.rule, t.started, t.rows, t.error,
+                   t.stepup_event)
 
     def _on_server_startup_frame(self, typ: int, buf: bytes, start: int, end: int) -> bytes | None:
         if typ == 0x52:  # Authentication*
