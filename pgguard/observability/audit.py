@@ -316,8 +316,8 @@ class EventRef:
         self.id: int | None = None
 
 
-LINGER_SECONDS = 0.002
-LINGER_BATCH = 256
+LINGER_SECONDS = 0.01  # how often the writer thread looks for new lines while busy
+IDLE_SECONDS = 0.2     # ... backing off to this while nothing comes
 
 _RESERVED = frozenset({"id", "ts", "event", "prev", "hash", "_ref"})
 _PLAIN = frozenset({str, int, bool, type(None)})
@@ -505,8 +505,10 @@ class AuditSink:
         self._chain_lock = threading.Lock()
         self._file_id = 0
         self._file_hash = GENESIS
-        self._late_barriers: list[_Barrier] = []
-        self._late_stop = False
+        # Chained lines for the writer, appended under the chain lock (the queue carries only
+        # flush barriers and the stop).
+        self._pending: list[tuple[bytes, str, float, Any, Any]] = []
+        self._linger = LINGER_SECONDS
         self._healthy = True
         self._errors = 0
         self._closed = False
@@ -627,7 +629,7 @@ class AuditSink:
         ref = EventRef()
         if self._closed:
             return ref
-        if self._held + self._queue.qsize() >= self.config.max_pending:
+        if self._held + len(self._pending) >= self.config.max_pending:
             # The writer is stuck (disk gone?) and memory is not infinite: drop, say so (an
             # audit.gap event), and stay unhealthy so sensitive statements are refused.
             self._dropped_total += 1
@@ -639,7 +641,7 @@ class AuditSink:
             self._say_gap()
             prev = self._last_hash
             line = self._chain(ts, event, dict(fields))
-            self._queue.put((line, prev, ts, event, fields))
+            self._pending.append((line, prev, ts, event, fields))
         return ref
 
     def emit_statement(self, session: str, user: str, client_addr: str, classification: Any,
@@ -651,7 +653,7 @@ class AuditSink:
         formatting of a template made once per classification and session (`_Templates`)."""
         if self._closed:
             return
-        if self._held + self._queue.qsize() >= self.config.max_pending:
+        if self._held + len(self._pending) >= self.config.max_pending:
             self._dropped_total += 1
             self._healthy = False
             return
@@ -662,7 +664,8 @@ class AuditSink:
             if self._dropped_total != self._dropped_chained:
                 self._say_gap()
             prev = self._last_hash
-            self._queue.put((self._chain_statement(ts, args), prev, ts, _FAST_STATEMENT, args))
+            self._pending.append((self._chain_statement(ts, args), prev, ts, _FAST_STATEMENT,
+                                  args))
 
     def _say_gap(self) -> None:
         """Under the chain lock: if events were dropped, chain an audit.gap saying how many."""
@@ -672,8 +675,8 @@ class AuditSink:
             ts = self._clock()
             prev = self._last_hash
             fields = {"dropped": dropped}
-            self._queue.put((self._chain(ts, AUDIT_GAP, dict(fields)), prev, ts, AUDIT_GAP,
-                             fields))
+            self._pending.append((self._chain(ts, AUDIT_GAP, dict(fields)), prev, ts, AUDIT_GAP,
+                                  fields))
 
     # -- the writer thread ----------------------------------------------------------------------
 
@@ -682,43 +685,37 @@ class AuditSink:
         barriers: list[_Barrier] = []
         stopping = False
         while True:
+            # Wake every LINGER_SECONDS (or when flush()/close() asks): the emitters never
+            # wake this thread, so the event loop makes no futex call per event, and one
+            # write (one flock, a few syscalls) carries many events.
             timeout = self._wait_time(bool(batch))
             try:
-                item = self._queue.get(timeout=timeout) if timeout is None or timeout > 0 \
+                item = self._queue.get(timeout=timeout) if timeout > 0 \
                     else self._queue.get_nowait()
             except queue.Empty:
                 item = None
-            if item is not None and not stopping and self._queue.qsize() < LINGER_BATCH:
-                # Events trickle in one per statement: wait a moment so that one write (one
-                # flock, one syscall) carries many of them.
-                time.sleep(LINGER_SECONDS)
-            if self._dropped_total != self._dropped_chained:
-                with self._chain_lock:  # nothing was emitted since the drops: say so now
-                    self._say_gap()
-                if item is None:
-                    item = self._queue.get_nowait()  # the audit.gap just queued
-            # Drain whatever else is there: one write (and one fsync) per batch.
-            while item is not None:
+            while item is not None:  # control messages: barriers, stop
                 if item is _STOP:
                     stopping = True
-                elif isinstance(item, _Barrier):
-                    barriers.append(item)
                 else:
-                    batch.append(item)
+                    barriers.append(item)
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     item = None
+            with self._chain_lock:
+                if self._dropped_total != self._dropped_chained:
+                    self._say_gap()  # nothing was emitted since the drops: say so now
+                # Every line emitted before the barriers just taken is in `pending`.
+                batch += self._pending
+                self._pending = []
+            self._linger = LINGER_SECONDS if batch else min(self._linger * 2, IDLE_SECONDS)
             self._held = len(batch)
             reopen = self._needs_reopen and self.config.path is not None
             if batch or reopen:
                 if self._write(batch):
                     batch = []
                     self._held = 0
-                if self._late_barriers:  # taken from the queue by a re-chain
-                    barriers += self._late_barriers
-                    self._late_barriers = []
-                stopping = stopping or self._late_stop
             elif self._dirty and self.config.fsync == "interval":
                 self._fsync_if_due()
             if barriers:
@@ -737,12 +734,13 @@ class AuditSink:
                     log.error("audit: %d events could not be written at shutdown", len(batch))
                 return
 
-    def _wait_time(self, retrying: bool) -> float | None:
+    def _wait_time(self, retrying: bool) -> float:
         if retrying or not self._healthy:
             return self.config.retry_interval
         if self._dirty and self.config.fsync == "interval":
-            return max(0.0, self._last_fsync + self.config.fsync_interval - time.monotonic())
-        return None
+            due = self._last_fsync + self.config.fsync_interval - time.monotonic()
+            return max(0.0, min(due, self._linger))
+        return self._linger
 
     def _write(self, batch: list[tuple[bytes, str, float, Any, Any]]) -> bool:
         """Write and (maybe) fsync one batch of chained lines. False if anything failed: the
@@ -788,21 +786,12 @@ class AuditSink:
     def _rebase(self, batch: list[tuple[bytes, str, float, Any, Any]]) -> None:
         """The file does not end where the batch's chain starts (another process appended, or
         the file was replaced): chain the batch again from the file's last event, with every
-        event emitted since (taken from the queue, so the emitters continue from the new
+        event emitted since (taken from `_pending`, so the emitters continue from the new
         head), under the chain lock. Rare; EventRef ids are re-assigned in order, so events
         that point at a re-chained one get its new id."""
         with self._chain_lock:
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    self._late_stop = True
-                elif isinstance(item, _Barrier):
-                    self._late_barriers.append(item)
-                else:
-                    batch.append(item)
+            batch += self._pending
+            self._pending = []
             self._last_id, self._last_hash = self._file_id, self._file_hash
             for i, (_, _, ts, event, fields) in enumerate(batch):
                 prev = self._last_hash
