@@ -219,8 +219,8 @@ class Session:
         self._running: set[bytes] = set()  # portals whose first Execute was forwarded
         # Verdicts that depend on nothing but the classification (no grant, no clock), by the
         # (cached, shared) Classification object, with the guard epoch they were made in:
-        # repeated Executes skip the policy until it changes.
-        self._allowed: dict[int, tuple[Classification, int, Allow]] = {}
+        # repeated Executes skip the policy until it changes. The bool: sensitive (SENSITIVE).
+        self._allowed: dict[int, tuple[Classification, int, Allow, bool]] = {}
         # While a forwarded SET/RESET may change client_encoding or standard_conforming_strings,
         # the later messages are classified as if the worst applied (unknown encoding,
         # backslashes unknown) until the server reports the values or the SET's reply arrives.
@@ -574,15 +574,20 @@ class Session:
         """Ask the guard at a Query or a portal's first Execute; returns the framer verdict."""
         ctx = self.ctx
         cached = self._allowed.get(id(c))
-        verdict: Verdict
-        if cached is not None and cached[0] is c and cached[1] == ctx.guard_epoch:
-            verdict = cached[2]
-        else:
-            verdict = ctx.guard.check(self, c, text)
-            if type(verdict) is Allow and verdict.cacheable:
-                if len(self._allowed) >= 1024:
-                    self._allowed.clear()
-                self._allowed[id(c)] = (c, ctx.guard_epoch, verdict)
+        if (cached is not None and cached[0] is c and cached[1] == ctx.guard_epoch
+                and (not cached[3] or ctx.audit_healthy())):
+            # The common case: a verdict that depends on nothing but the classification, made
+            # under the policy in force, and the audit writable if the statement is sensitive.
+            rule = cached[2].rule
+            ctx.on_statement(self, c, "allowed", rule)
+            self._forwarded(kind, c, "allowed", rule, None, text, portal)
+            return FORWARD
+        verdict: Verdict = ctx.guard.check(self, c, text)
+        if type(verdict) is Allow and verdict.cacheable:
+            if len(self._allowed) >= 1024:
+                self._allowed.clear()
+            self._allowed[id(c)] = (c, ctx.guard_epoch, verdict,
+                                    not SENSITIVE.isdisjoint(c.classes))
         if not isinstance(verdict, Refuse):
             refusal = self._audit_refusal(c)
             if refusal is not None:
@@ -622,7 +627,7 @@ class Session:
             self._running.add(portal)
         if c.session_changes:
             self._session_changed(c)
-        if (text is not None and c.classes & _SETTING_CLASSES
+        if (text is not None and not _SETTING_CLASSES.isdisjoint(c.classes)
                 and _ENCODING_SETTING.search(text)):
             # Until the server has run it, later messages may be in another encoding or
             # quoting regime: classify them as if the worst applied (fail closed).
