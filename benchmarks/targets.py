@@ -227,6 +227,34 @@ def pgbouncer_version(binary: Path) -> str:
 # -- the set of targets ---------------------------------------------------------------------------
 
 
+def pgguard_config(policy: str, home: Path, admin_port: int) -> dict[str, object]:
+    """The generated pgguard configuration. `realistic`: what a deployment runs, so the
+    benchmark pays for classification, the PII resolver, the policy decision and the audit
+    trail (file in `home`); every statement pgbench and the latency test send is a read that
+    needs no step-up. `none`: the relay and classifier alone."""
+    cfg: dict[str, object] = {"admin": {"listen": f"127.0.0.1:{admin_port}"},
+                              "tls": {"mode": "disable"}}
+    if policy == "realistic":
+        cfg.update({
+            "audit": {"path": str(home / "audit" / "audit.jsonl"), "include_literals": False,
+                      "fsync": "interval", "stdout": False},
+            # PII on a column pgbench -S never reads: the resolver runs, nothing is held.
+            "pii": {"tables": {"public.pgbench_accounts": ["filler"],
+                               "public.users": ["email", "phone"]}},
+            "roles": {
+                "developer": {"users": [USER], "allow": ["read", "write", "tx", "pii"],
+                              "step_up": {"pii": "15m", "write": "10m"}},
+                "dba": {"users": ["postgres"], "allow": "all",
+                        "step_up": {"ddl": "0s", "admin": "0s", "unknown": "0s"}},
+            },
+            "default_role": "developer",
+            "hold": {"timeout": "120s"},
+        })
+    elif policy != "none":
+        raise SystemExit("BENCH_POLICY must be realistic or none")
+    return cfg
+
+
 @dataclass
 class BenchTargets:
     """Starts the server and the proxies; a context manager that stops them all by pid."""
@@ -389,31 +417,10 @@ class BenchTargets:
     def _write_pgguard_config(self) -> Path:
         """pgguard.yaml in the work folder (JSON is YAML). The admin server gets a free port so
         a pgguard already on the default 9433 does not stop this one; state, key and audit
-        files land beside the config. `realistic`: what a deployment runs, so the benchmark
-        pays for classification, the PII resolver, the policy decision and the audit trail;
-        every statement pgbench and the latency test send is a read that needs no step-up."""
+        files land beside the config."""
         home = self.workdir / "pgguard-config"
         home.mkdir()
-        cfg: dict[str, object] = {"admin": {"listen": f"127.0.0.1:{free_port()}"},
-                                  "tls": {"mode": "disable"}}
-        if self.settings.policy == "realistic":
-            cfg.update({
-                "audit": {"path": str(home / "audit" / "audit.jsonl"), "include_literals": False,
-                          "fsync": "interval", "stdout": False},
-                # PII on a column pgbench -S never reads: the resolver runs, nothing is held.
-                "pii": {"tables": {"public.pgbench_accounts": ["filler"],
-                                   "public.users": ["email", "phone"]}},
-                "roles": {
-                    "developer": {"users": [USER], "allow": ["read", "write", "tx", "pii"],
-                                  "step_up": {"pii": "15m", "write": "10m"}},
-                    "dba": {"users": ["postgres"], "allow": "all",
-                            "step_up": {"ddl": "0s", "admin": "0s", "unknown": "0s"}},
-                },
-                "default_role": "developer",
-                "hold": {"timeout": "120s"},
-            })
-        elif self.settings.policy != "none":
-            raise SystemExit("BENCH_POLICY must be realistic or none")
+        cfg = pgguard_config(self.settings.policy, home, admin_port=free_port())
         path = home / "pgguard.yaml"
         path.write_text(json.dumps(cfg, indent=1))
         return path
