@@ -317,7 +317,6 @@ class EventRef:
 
 
 LINGER_SECONDS = 0.01  # how often the writer thread looks for new lines while busy
-IDLE_SECONDS = 0.2     # ... backing off to this while nothing comes
 
 _RESERVED = frozenset({"id", "ts", "event", "prev", "hash", "_ref"})
 _PLAIN = frozenset({str, int, bool, type(None)})
@@ -479,6 +478,7 @@ class _Barrier:
 
 
 _STOP = object()
+_WAKE = object()  # from an emitter: lines are waiting and the writer was idle
 
 
 class AuditSink:
@@ -508,7 +508,9 @@ class AuditSink:
         # Chained lines for the writer, appended under the chain lock (the queue carries only
         # flush barriers and the stop).
         self._pending: list[tuple[bytes, str, float, Any, Any]] = []
-        self._linger = LINGER_SECONDS
+        # The writer found nothing last time and waits for a _WAKE (the next emitter sends
+        # one): prompt writes when events are few, no wake-ups when they are many.
+        self._idle = False
         self._healthy = True
         self._errors = 0
         self._closed = False
@@ -642,6 +644,8 @@ class AuditSink:
             prev = self._last_hash
             line = self._chain(ts, event, dict(fields))
             self._pending.append((line, prev, ts, event, fields))
+            if self._idle:
+                self._wake()
         return ref
 
     def emit_statement(self, session: str, user: str, client_addr: str, classification: Any,
@@ -666,6 +670,13 @@ class AuditSink:
             prev = self._last_hash
             self._pending.append((self._chain_statement(ts, args), prev, ts, _FAST_STATEMENT,
                                   args))
+            if self._idle:
+                self._wake()
+
+    def _wake(self) -> None:
+        """Under the chain lock: the writer waits for lines; tell it there are some."""
+        self._idle = False
+        self._queue.put(_WAKE)
 
     def _say_gap(self) -> None:
         """Under the chain lock: if events were dropped, chain an audit.gap saying how many."""
@@ -685,19 +696,20 @@ class AuditSink:
         barriers: list[_Barrier] = []
         stopping = False
         while True:
-            # Wake every LINGER_SECONDS (or when flush()/close() asks): the emitters never
-            # wake this thread, so the event loop makes no futex call per event, and one
-            # write (one flock, a few syscalls) carries many events.
+            # While events come, look for them every LINGER_SECONDS: the emitters do not wake
+            # this thread then (no futex call per event on the event loop) and one write (one
+            # flock, a few syscalls) carries many events. After a look that found nothing, wait
+            # for the next emitter's _WAKE (or flush()/close(), a retry, an fsync falling due).
             timeout = self._wait_time(bool(batch))
             try:
-                item = self._queue.get(timeout=timeout) if timeout > 0 \
+                item = self._queue.get(timeout=timeout) if timeout is None or timeout > 0 \
                     else self._queue.get_nowait()
             except queue.Empty:
                 item = None
             while item is not None:  # control messages: barriers, stop
                 if item is _STOP:
                     stopping = True
-                else:
+                elif item is not _WAKE:
                     barriers.append(item)
                 try:
                     item = self._queue.get_nowait()
@@ -709,7 +721,7 @@ class AuditSink:
                 # Every line emitted before the barriers just taken is in `pending`.
                 batch += self._pending
                 self._pending = []
-            self._linger = LINGER_SECONDS if batch else min(self._linger * 2, IDLE_SECONDS)
+                self._idle = not batch
             self._held = len(batch)
             reopen = self._needs_reopen and self.config.path is not None
             if batch or reopen:
@@ -734,13 +746,15 @@ class AuditSink:
                     log.error("audit: %d events could not be written at shutdown", len(batch))
                 return
 
-    def _wait_time(self, retrying: bool) -> float:
+    def _wait_time(self, retrying: bool) -> float | None:
         if retrying or not self._healthy:
             return self.config.retry_interval
+        due = None
         if self._dirty and self.config.fsync == "interval":
-            due = self._last_fsync + self.config.fsync_interval - time.monotonic()
-            return max(0.0, min(due, self._linger))
-        return self._linger
+            due = max(0.0, self._last_fsync + self.config.fsync_interval - time.monotonic())
+        if self._idle:
+            return due  # None: until woken
+        return LINGER_SECONDS if due is None else min(due, LINGER_SECONDS)
 
     def _write(self, batch: list[tuple[bytes, str, float, Any, Any]]) -> bool:
         """Write and (maybe) fsync one batch of chained lines. False if anything failed: the

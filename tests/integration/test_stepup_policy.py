@@ -89,6 +89,7 @@ def test_named_statement_prepared_while_elevated_is_held_after_expiry(
         status, body = su.post_code(proxy, sid, codes.next())
         assert status == 200 and body["released"] is True, body
         assert held.result(10) == su.EMAILS
+    su.wait_audit_count(proxy, "hold.end", 2)  # written in batches: after both held statements
     assert [e["decision"] for e in su.audit_events(proxy, "statement")
             if e["decision"] != "allowed"].count("held") == 2
 
