@@ -22,6 +22,27 @@ ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _stale_compiled_modules() -> list[str]:
+    """Compiled modules (setup.py) older than their sources: Python would import the stale
+    extension instead of the edited .py."""
+    stale = []
+    for so in (ROOT / "pgguard").rglob("*.so"):
+        source = so.with_name(so.name.split(".")[0] + ".py")
+        sources = [source, source.with_suffix(".pxd")]
+        newest = max((s.stat().st_mtime for s in sources if s.exists()), default=0.0)
+        if newest > so.stat().st_mtime:
+            stale.append(str(so.relative_to(ROOT)))
+    return stale
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    stale = _stale_compiled_modules()
+    if stale:
+        pytest.exit(f"compiled modules older than their sources: {', '.join(stale)}; "
+                    "rebuild them with `make venv` (or `.venv/bin/pip install --no-deps -e .`)",
+                    returncode=3)
+
+
 def _bindirs() -> dict[str, Path | None]:
     return {"pg18": embedded_bindir(), "pg15": debian_bindir()}
 

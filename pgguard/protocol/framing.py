@@ -175,7 +175,9 @@ class Framer:
         self._scan(data[end:], out)
         return out
 
-    def _scan(self, data: bytes, out: list[bytes]) -> None:
+    # `out: list[bytes]`; spelled `list` because Cython compiles this module with framing.pxd,
+    # whose C signature a subscripted annotation would not match.
+    def _scan(self, data: bytes, out: list) -> None:  # type: ignore[type-arg]
         # The hot loop of the relay: locals only, one unpack per message, no slicing until a
         # run of unchanged bytes is written out.
         table, on_frame, max_len = self._table, self._on_frame, self._max_len
@@ -221,7 +223,7 @@ class Framer:
                 self._held = True
                 self._held_buf += data[pos:]
                 return
-            out.append(verdict)  # type: ignore[arg-type]
+            out.append(verdict)
             if end > n:  # a replaced HEAD message: swallow the rest as it arrives
                 self._drop_left = end - n
                 return

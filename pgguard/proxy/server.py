@@ -36,6 +36,7 @@ from pgguard.classify import (
 )
 from pgguard.config import Config
 from pgguard.errors import SqlState, UpstreamError
+from pgguard.protocol import framing
 from pgguard.protocol import messages as m
 from pgguard.proxy.cancel import CancelRegistry
 from pgguard.proxy.guard import Guard
@@ -312,6 +313,7 @@ class ProxyServer:
         self._sock = sock
         self._accept_task = loop.create_task(self._accept_loop())
         log.info("proxy.listening", listen=str(listen), upstream=str(self.ctx.config.upstream),
+                 compiled=not str(framing.__file__).endswith(".py"),
                  tls=self.ctx.config.tls.mode)
 
     async def stop_accepting(self) -> None:

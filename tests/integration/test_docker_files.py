@@ -82,8 +82,9 @@ def test_install_and_entrypoint_replayed(tmp_path: Path) -> None:
         *sources, _ = copy.split()
         for s in sources:
             if (ROOT / s).is_dir():
-                shutil.copytree(ROOT / s, src / s,
-                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                # As .dockerignore: sources only (no caches, no locally compiled modules).
+                shutil.copytree(ROOT / s, src / s, ignore=shutil.ignore_patterns(
+                    "__pycache__", "*.pyc", "*.so", "*.c"))
             else:
                 shutil.copy2(ROOT / s, src / s)
     site = tmp_path / "site"

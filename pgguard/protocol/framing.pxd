@@ -1,0 +1,20 @@
+# C types for framing.py when Cython compiles it (setup.py); the .py stays the source.
+cimport cython
+
+
+cdef class Framer:
+    cdef public bytes _table
+    cdef public object _on_frame
+    cdef public Py_ssize_t _max_len
+    cdef public Py_ssize_t _head_bytes
+    cdef public bytearray _buf
+    cdef public Py_ssize_t _need
+    cdef public Py_ssize_t _stream_left
+    cdef public Py_ssize_t _drop_left
+    cdef public bint _held
+    cdef public bytearray _held_buf
+
+    @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, flushed=Py_ssize_t, length=Py_ssize_t,
+                   end=Py_ssize_t, seen=Py_ssize_t, mode=int, max_len=Py_ssize_t,
+                   table=bytes)
+    cdef void _scan(self, bytes data, list out) except *

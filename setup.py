@@ -1,0 +1,31 @@
+"""Build hook: the relay's hot modules compiled with Cython, when possible (pyproject.toml has
+everything else).
+
+The modules stay plain Python (the reference, what mypy and the tests read); Cython compiles
+them as they are, with C types for the framer's scan loop from framing.pxd. Each extension is
+optional: without a C compiler (or with PGGUARD_PURE_PYTHON=1) pgguard installs and runs as
+pure Python, only slower. `pgguard run` logs which one it runs (`proxy.listening`, `compiled`).
+"""
+
+import os
+
+from setuptools import setup
+from setuptools.extension import Extension
+
+# The per-message code of the relay (see benchmarks/README.md, "Hot path in process").
+COMPILED = ["pgguard/protocol/framing.py", "pgguard/proxy/session.py"]
+
+
+def extensions() -> list[Extension]:
+    if os.environ.get("PGGUARD_PURE_PYTHON"):
+        return []
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        return []
+    modules = [Extension(path[:-3].replace("/", "."), [path], optional=True)
+               for path in COMPILED]
+    return cythonize(modules, compiler_directives={"language_level": "3"}, quiet=True)
+
+
+setup(ext_modules=extensions())
