@@ -6,35 +6,30 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench venv clean
 
-# The modules setup.py compiles with Cython: rebuilt when they change (a stale extension would
-# be imported instead of the edited .py; the tests refuse to start then).
-COMPILED := $(VENV)/.compiled
+# The modules setup.py compiles with Cython are prerequisites too: an edited one is rebuilt (a
+# stale extension would be imported instead of the edited .py; the tests refuse to start then).
 COMPILED_SOURCES := setup.py pgguard/protocol/framing.py pgguard/protocol/framing.pxd \
 	pgguard/proxy/session.py
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+$(STAMP): pyproject.toml $(COMPILED_SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
-	touch $(STAMP) $(COMPILED)
+	touch $(STAMP)
 
-$(COMPILED): $(STAMP) $(COMPILED_SOURCES)
-	$(BIN)/pip install -q --no-deps -e .
-	touch $(COMPILED)
+venv: $(STAMP)
 
-venv: $(COMPILED)
-
-demo: $(COMPILED)
+demo: $(STAMP)
 	$(BIN)/python -m pgguard demo
 
-test: $(COMPILED)
+test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(COMPILED)
+lint: $(STAMP)
 	$(BIN)/ruff check pgguard tests benchmarks
 	$(BIN)/mypy
 
-bench: $(COMPILED)
+bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
 clean:
