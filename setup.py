@@ -25,7 +25,8 @@ def extensions() -> list[Extension]:
         return []
     modules = [Extension(path[:-3].replace("/", "."), [path], optional=True)
                for path in COMPILED]
-    return cythonize(modules, compiler_directives={"language_level": "3"}, quiet=True)
+    return cythonize(modules, compiler_directives={"language_level": "3",
+                                                     "annotation_typing": False}, quiet=True)
 
 
 setup(ext_modules=extensions())

@@ -290,7 +290,8 @@ class App:
 
         def on_statement(session: Session, c: Classification, decision: str,
                          rule: str | None) -> None:
-            """At the decision: count it; audit now what will not run (denied, held, …)."""
+            """At the decision: count it; audit now what will not run (denied, held, …). A
+            cached allowed verdict skips this and bumps `ctx.allowed_tally` itself."""
             metrics.count_statement(decision, c.classes)
             if self.audit is not None and decision not in ("allowed", "released"):
                 self.audit.emit(ev.STATEMENT, session=session.id, user=session.user,
@@ -334,6 +335,7 @@ class App:
 
         ctx.on_upstream_error = on_upstream_error
         ctx.on_statement = on_statement
+        ctx.allowed_tally = lambda classes: metrics.statement_tally("allowed", classes)
         ctx.on_statement_done = on_statement_done
         ctx.on_session = on_session
         self.holds.on_start = on_hold_start

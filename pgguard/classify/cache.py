@@ -34,14 +34,17 @@ class ClassificationCache:
     """One per process (or per database of `catalog.dsn`), shared by all sessions; owned by the
     composition root. Not thread-safe: call it from the event loop thread."""
 
-    __slots__ = ("_chars", "_entries", "catalog", "hits", "max_chars", "max_entries",
-                 "max_sql_bytes", "misses", "rules")
+    __slots__ = ("_catalog", "_chars", "_entries", "_rules", "epoch", "hits", "max_chars",
+                 "max_entries", "max_sql_bytes", "misses")
 
     def __init__(self, rules: PiiRules, catalog: CatalogSnapshot | None = None, *,
                  max_entries: int = 10_000, max_chars: int = 32 << 20,
                  max_sql_bytes: int | None = None) -> None:
-        self.rules = rules
-        self.catalog = catalog
+        self._rules = rules
+        self._catalog = catalog
+        # (rules version, catalog version): a plain attribute, read at every Bind; only
+        # update() changes rules and catalog, and it sets this again.
+        self.epoch = _epoch(rules, catalog)
         self.max_entries = max_entries
         self.max_chars = max_chars
         self.max_sql_bytes = max_sql_bytes
@@ -51,19 +54,24 @@ class ClassificationCache:
         self._chars = 0
 
     @property
-    def epoch(self) -> tuple[str, str]:
-        return (self.rules.version, self.catalog.version if self.catalog is not None else "-")
+    def rules(self) -> PiiRules:
+        return self._rules
+
+    @property
+    def catalog(self) -> CatalogSnapshot | None:
+        return self._catalog
 
     def update(self, rules: PiiRules | None = None,
                catalog: CatalogSnapshot | None = None) -> bool:
         """New rules (hot reload) and/or a refreshed catalog. Clears the cache when the epoch
         changes; returns whether it did."""
-        before = self.epoch
         if rules is not None:
-            self.rules = rules
+            self._rules = rules
         if catalog is not None:
-            self.catalog = catalog
-        if self.epoch != before:
+            self._catalog = catalog
+        epoch = _epoch(self._rules, self._catalog)
+        if epoch != self.epoch:  # a new object only when it changes: sessions compare by `is`
+            self.epoch = epoch
             self.clear()
             return True
         return False
@@ -93,7 +101,7 @@ class ClassificationCache:
         if hit is not None:
             return hit
         self.misses += 1
-        result = classify(sql, self.rules, self.catalog, session,
+        result = classify(sql, self._rules, self._catalog, session,
                           max_sql_bytes=self.max_sql_bytes, single_statement=parse_message)
         self.put(sql, session, parse_message, result)
         return result
@@ -117,3 +125,7 @@ class ClassificationCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _epoch(rules: PiiRules, catalog: CatalogSnapshot | None) -> tuple[str, str]:
+    return (rules.version, catalog.version if catalog is not None else "-")

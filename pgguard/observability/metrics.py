@@ -256,8 +256,12 @@ class Metrics:
 
     def count_statement(self, decision: str, classes: Iterable[StatementClass]) -> None:
         """One statement decided: `decision` from DECISIONS; KeyError for anything else."""
-        self.statements[decision, _SENSITIVITY[classes if type(classes) is frozenset
-                                               else frozenset(classes)]].value += 1
+        self.statement_tally(decision, classes).value += 1
+
+    def statement_tally(self, decision: str, classes: Iterable[StatementClass]) -> Tally:
+        """The statements_total child `count_statement(decision, classes)` bumps."""
+        return self.statements[decision, _SENSITIVITY[classes if type(classes) is frozenset
+                                                      else frozenset(classes)]]
 
     def exposition(self) -> bytes:
         """The Prometheus text format of everything in the registry."""

@@ -124,6 +124,10 @@ class ProxyContext:
         self.status_text: Callable[[Session], str] = lambda s: f"user {s.user}"
         self.on_statement: Callable[[Session, Classification, str, str | None], None] = (
             lambda session, c, decision, rule: None)
+        # The statements_total child an allowed statement of these classes counts in, which a
+        # session bumps itself for a cached verdict instead of calling on_statement (whose
+        # only work for an allowed statement is that count). None: call on_statement.
+        self.allowed_tally: Callable[[frozenset[StatementClass]], Any] = lambda classes: None
         self.on_session: Callable[[Session, bool], None] = lambda session, started: None
         self.on_statement_done: Callable[..., None] = lambda *args: None
         self.audit_healthy: Callable[[], bool] = lambda: True

@@ -23,7 +23,6 @@ import string
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -112,40 +111,77 @@ def new_session_id() -> str:
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
 
 
-@dataclass(slots=True)
 class _Marked:
-    kind: int
-    error: bytes  # the complete ErrorResponse that replaces the server's
+    """A message replaced by a poison: its ErrorResponse is swapped for pgguard's `error`."""
+
+    __slots__ = ("error", "kind")
+
+    def __init__(self, kind: int, error: bytes) -> None:
+        self.kind = kind
+        self.error = error  # the complete ErrorResponse that replaces the server's
 
 
-@dataclass(slots=True, eq=False)
 class _Tracked:
     """A statement forwarded after a decision: completed (or failed) when its reply pops it,
     for the audit's `statement` event (duration, rows) and pgguard_statement_seconds."""
 
-    kind: int
-    classification: Classification
-    decision: str  # allowed | released
-    rule: str | None
-    stepup_event: object | None
-    started: float = field(default_factory=time.monotonic)  # then: its duration, once done
-    rows: int | None = None
-    error: str | None = None  # SQLSTATE of the server's error, if any
-    resets_encoding: bool = False  # a SET that may change client_encoding / scs
+    __slots__ = ("classification", "decision", "error", "kind", "resets_encoding", "rows",
+                 "rule", "started", "stepup_event")
+
+    def __init__(self, kind: int, classification: Classification, decision: str,
+                 rule: str | None, stepup_event: object | None) -> None:
+        self.kind = kind
+        self.classification = classification
+        self.decision = decision  # allowed | released
+        self.rule = rule
+        self.stepup_event = stepup_event
+        self.started = time.monotonic()  # then: its duration, once done
+        self.rows: int | None = None
+        self.error: str | None = None  # SQLSTATE of the server's error, if any
+        self.resets_encoding = False  # a SET that may change client_encoding / scs
 
 
-@dataclass(slots=True, eq=False)
 class _ParseEntry:
     """A forwarded Parse: if the server refuses or skips it, its name is forgotten."""
 
-    kind: int
-    name: bytes
+    __slots__ = ("kind", "name")
+
+    def __init__(self, kind: int, name: bytes) -> None:
+        self.kind = kind
+        self.name = name
 
 
 def _tag_rows(buf: bytes, start: int, end: int) -> int | None:
-    """Rows from a CommandComplete tag (`SELECT 5`, `INSERT 0 3`, `UPDATE 2`, `COPY 10`)."""
-    last = buf[start + 5 : end - 1].rpartition(b" ")[2]
-    return int(last) if last.isdigit() else None
+    """Rows from a CommandComplete tag (`SELECT 5`, `INSERT 0 3`, `UPDATE 2`, `COPY 10`): its
+    last word, if that is all ASCII digits. Scanned by index: compiled, a C loop."""
+    first = start + 5
+    i = end - 2  # the tag's last byte (before its NUL)
+    rows = 0
+    scale = 1
+    while i >= first:
+        ch = buf[i]
+        if ch == 0x20:
+            break
+        if ch < 0x30 or ch > 0x39:
+            return None
+        if scale > 10**17:  # past 18 digits: Python's int (no server sends that many rows)
+            last = buf[first : end - 1].rpartition(b" ")[2]
+            return int(last) if last.isdigit() else None
+        rows += (ch - 0x30) * scale
+        scale *= 10
+        i -= 1
+    return rows if i < end - 2 else None
+
+
+def _string_end(buf: bytes, i: int, end: int) -> int:
+    """The index of the NUL that ends the string starting at `i`, or -1 if none before `end`.
+    A loop by index rather than bytes.find: compiled, a C loop (names are short, and a Bind's
+    head, where they are, is at most 4 KiB)."""
+    while i < end:
+        if buf[i] == 0:
+            return i
+        i += 1
+    return -1
 
 
 class _Side(asyncio.Protocol):
@@ -219,8 +255,9 @@ class Session:
         self._running: set[bytes] = set()  # portals whose first Execute was forwarded
         # Verdicts that depend on nothing but the classification (no grant, no clock), by the
         # (cached, shared) Classification object, with the guard epoch they were made in:
-        # repeated Executes skip the policy until it changes. The bool: sensitive (SENSITIVE).
-        self._allowed: dict[int, tuple[Classification, int, Allow, bool]] = {}
+        # repeated Executes skip the policy until it changes. Then: sensitive (SENSITIVE)?, and
+        # the statements_total child to bump (None: report through ctx.on_statement).
+        self._allowed: dict[int, tuple[Classification, int, Allow, bool, Any]] = {}
         # While a forwarded SET/RESET may change client_encoding or standard_conforming_strings,
         # the later messages are classified as if the worst applied (unknown encoding,
         # backslashes unknown) until the server reports the values or the SET's reply arrives.
@@ -416,25 +453,27 @@ class Session:
         # The extended protocol's Bind / Execute / Sync come first: they are the hot path of
         # every prepared-statement client.
         if typ == 0x42:  # Bind (head): portal and statement names
-            nul = buf.find(b"\0", start + 5, end)
-            nul2 = buf.find(b"\0", nul + 1, end) if nul >= 0 else -1
+            nul = _string_end(buf, start + 5, end)
+            nul2 = _string_end(buf, nul + 1, end) if nul >= 0 else -1
             if nul2 < 0:
                 raise ProtocolError("unterminated name in Bind")
-            portal = buf[start + 5 : nul]
-            stmt = buf[nul + 1 : nul2]
+            portal = buf[start + 5 : nul] if nul > start + 5 else b""
+            stmt = buf[nul + 1 : nul2] if nul2 > nul + 1 else b""
             prepared = self._statements.get(stmt)
             if prepared is None:  # a statement of SQL PREPARE, or one we never saw
                 prepared = (None, self._sql_prepared(stmt))
-            elif self._stmt_epoch != self._cache.epoch:
+            elif self._stmt_epoch is not self._cache.epoch:  # changes only with a reload
                 prepared = self._reclassified(stmt, prepared)
             self._portals[portal] = prepared
             self._running.discard(portal)
             fifo.append(K_BIND)
-        elif typ == 0x45:  # Execute
-            nul = buf.find(b"\0", start + 5, end)
-            if nul < 0 or nul + 5 != end:
+        elif typ == 0x45:  # Execute: portal name, NUL, row limit (int32)
+            nul = end - 5
+            if nul < start + 5 or buf[nul] != 0:
                 raise ProtocolError("malformed Execute")
-            portal = buf[start + 5 : nul]
+            portal = buf[start + 5 : nul] if nul > start + 5 else b""
+            if portal and b"\0" in portal:
+                raise ProtocolError("malformed Execute")
             running = self._running
             if portal not in running:  # later Executes of a running portal continue
                 snap = self._portals.get(portal)
@@ -579,7 +618,11 @@ class Session:
             # The common case: a verdict that depends on nothing but the classification, made
             # under the policy in force, and the audit writable if the statement is sensitive.
             rule = cached[2].rule
-            ctx.on_statement(self, c, "allowed", rule)
+            tally = cached[4]
+            if tally is not None:  # what on_statement does with an allowed statement: count it
+                tally.value += 1
+            else:
+                ctx.on_statement(self, c, "allowed", rule)
             self._forwarded(kind, c, "allowed", rule, None, text, portal)
             return FORWARD
         verdict: Verdict = ctx.guard.check(self, c, text)
@@ -587,7 +630,8 @@ class Session:
             if len(self._allowed) >= 1024:
                 self._allowed.clear()
             self._allowed[id(c)] = (c, ctx.guard_epoch, verdict,
-                                    not SENSITIVE.isdisjoint(c.classes))
+                                    not SENSITIVE.isdisjoint(c.classes),
+                                    ctx.allowed_tally(c.classes))
         if not isinstance(verdict, Refuse):
             refusal = self._audit_refusal(c)
             if refusal is not None:

@@ -1,0 +1,93 @@
+# C types for session.py when Cython compiles it (setup.py); the .py stays the source.
+#
+# Session and the FIFO entries become extension types: their attributes are C struct fields
+# (no instance dict), and the per-message methods below are called from C within the module.
+# A new attribute of Session must be declared here too, or the compiled build fails.
+cimport cython
+
+
+@cython.locals(first=Py_ssize_t, i=Py_ssize_t, rows=cython.longlong, scale=cython.longlong,
+               ch=cython.uchar)
+cpdef object _tag_rows(bytes buf, Py_ssize_t start, Py_ssize_t end)
+
+cpdef Py_ssize_t _string_end(bytes buf, Py_ssize_t i, Py_ssize_t end) except? -2
+
+
+cdef class _Marked:
+    cdef public int kind
+    cdef public bytes error
+
+
+cdef class _Tracked:
+    cdef public int kind
+    cdef public object classification
+    cdef public object decision
+    cdef public object rule
+    cdef public object stepup_event
+    cdef public double started
+    cdef public object rows
+    cdef public object error
+    cdef public bint resets_encoding
+
+
+cdef class _ParseEntry:
+    cdef public int kind
+    cdef public bytes name
+
+
+cdef class Session:
+    cdef public object ctx
+    cdef public str id
+    cdef public str client_addr
+    cdef public bint tls
+    cdef public str user
+    cdef public str database
+    cdef public int state
+    cdef public object client
+    cdef public object server
+    cdef public bytes txn_status
+    cdef public object done
+    cdef public bytes _startup_buf
+    cdef public bytes _pending_client
+    cdef public int _client_minor
+    cdef public bint _owe_negotiate
+    cdef public bint _password_exchanged
+    cdef public object _real_key
+    cdef public object _our_pid
+    cdef public dict _params
+    cdef public str _encoding
+    cdef public object _fifo
+    cdef public list _done
+    cdef public dict _statements
+    cdef public object _stmt_epoch
+    cdef public set _stale
+    cdef public dict _portals
+    cdef public set _running
+    cdef public dict _allowed
+    cdef public object _enc_saved
+    cdef public object _scs_saved
+    cdef public bint _settle_at_z
+    cdef public object _facts
+    cdef public object _held
+    cdef public object _hold_task
+    cdef public object _offload
+    cdef public object _offload_task
+    cdef public object _cache
+    cdef public bint _client_copy_open
+    cdef public list _paused
+    cdef public set _tasks
+    cdef public bint _shutting_down
+    cdef public object _startup_timer
+    cdef public object _cframer
+    cdef public object _sframer
+
+    @cython.locals(nul=Py_ssize_t, nul2=Py_ssize_t, running=set)
+    cpdef object _on_client_frame(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end)
+    cpdef object _decide(self, int kind, object c, object text, object portal=*)
+    cpdef void _forwarded(self, int kind, object c, str decision, object rule,
+                          object stepup_event, object text, object portal) except *
+    @cython.locals(hk=int)
+    cpdef object _on_server_frame(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end)
+    cpdef void _finished(self, _Tracked t) except *
+    @cython.locals(t=_Tracked)
+    cpdef void _report_done(self) except *
