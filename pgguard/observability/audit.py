@@ -146,6 +146,36 @@ def format_ts(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{us:06d}Z"
 
 
+def statement_duration(seconds: float) -> float:
+    """A statement event's `duration`: seconds to the microsecond (the nearest float to a whole
+    number of microseconds, so its JSON is a function of that number; see _Durations)."""
+    return round(seconds * 1e6) / 1e6
+
+
+_SHA256 = hashlib.sha256()  # copied for each statement event
+_DIGITS3 = tuple(f"{i:03d}" for i in range(1000))  # microseconds as two groups of three
+
+
+class _Durations:
+    """The JSON text of `statement_duration(seconds)`, by whole microseconds: float repr is
+    the costliest part of a statement event, and durations repeat."""
+
+    __slots__ = ("_cache",)
+    LIMIT = 1 << 16
+
+    def __init__(self) -> None:
+        self._cache: dict[int, str] = {}
+
+    def text(self, seconds: float) -> str:
+        us = round(seconds * 1e6)
+        hit = self._cache.get(us)
+        if hit is None:
+            if len(self._cache) >= self.LIMIT:
+                self._cache.clear()
+            hit = self._cache[us] = repr(us / 1e6)
+        return hit
+
+
 # -- configuration -------------------------------------------------------------------------------
 
 
@@ -399,10 +429,10 @@ _FAST_STATEMENT = object()  # the queue's event slot for emit_statement() tuples
 class _Templates:
     """Statement events from one classification and session differ only in their duration,
     error, id, prev, rows, stepup_event and ts. For each such family the canonical JSON is
-    made once with a marker in place of each variable value, and the markers replaced by `%s`
-    (a literal `%` doubled): writing an event is one `%` formatting with the JSON of each
-    value, which gives exactly `canonical_json()` of the event (tests/unit/test_audit.py
-    checks it, whatever the values)."""
+    made once with a marker in place of each variable value, and cut at the markers: writing
+    an event is one join of those parts with the JSON of each value, which gives exactly
+    `canonical_json()` of the event (tests/unit/test_audit.py checks it, whatever the
+    values)."""
 
     __slots__ = ("_derived", "_marks", "cache")
     LIMIT = 4096
@@ -410,8 +440,8 @@ class _Templates:
 
     def __init__(self, derived: _DerivedFields) -> None:
         # (id(c), session, user, client_addr, decision, rule, has_rows, has_error,
-        # has_stepup) → (c, template); the sink reads it directly on the hot path.
-        self.cache: dict[tuple[Any, ...], tuple[Any, str]] = {}
+        # has_stepup) → (c, parts); the sink reads it directly on the hot path.
+        self.cache: dict[tuple[Any, ...], tuple[Any, tuple[str, ...]]] = {}
         self._derived = derived
         # A NUL cannot occur in SQL text, user names or addresses from the wire; the nonce
         # makes a clash impossible in practice anyway (a clash falls back to the slow path).
@@ -420,7 +450,7 @@ class _Templates:
 
     def get(self, sink: AuditSink, c: Any, session: str, user: str, client_addr: str,
             decision: str, rule: str | None, has_rows: bool, has_error: bool,
-            has_stepup: bool) -> str | None:
+            has_stepup: bool) -> tuple[str, ...] | None:
         key = (id(c), session, user, client_addr, decision, rule, has_rows, has_error,
                has_stepup)
         hit = self.cache.get(key)
@@ -437,7 +467,7 @@ class _Templates:
 
     def _make(self, sink: AuditSink, c: Any, session: str, user: str, client_addr: str,
               decision: str, rule: str | None, has_rows: bool, has_error: bool,
-              has_stepup: bool) -> str | None:
+              has_stepup: bool) -> tuple[str, ...] | None:
         marks = self._marks
         fields: dict[str, Any] = {"session": session, "user": user, "client_addr": client_addr,
                                   "classification": c, "decision": decision, "rule": rule,
@@ -454,15 +484,19 @@ class _Templates:
             if k not in _RESERVED:
                 record[k] = v if type(v) in _PLAIN else _jsonable(v)
         record["prev"] = marks["prev"]
-        text = canonical_json(record).decode("utf-8").replace("%", "%%")
-        for k in self.SLOTS:
+        rest = canonical_json(record).decode("utf-8")
+        parts: list[str] = []
+        for k in self.SLOTS:  # sorted, as canonical JSON writes the keys
             if k in record:
                 mark = json.dumps(marks[k], ensure_ascii=False)
-                if text.count(mark) != 1:
+                if rest.count(mark) != 1:
                     return None
-                # ts and prev are strings whose values need no escaping: keep their quotes.
-                text = text.replace(mark, '"%s"' if k in ("ts", "prev") else "%s")
-        return text
+                before, rest = rest.split(mark)
+                if k in ("ts", "prev"):  # strings whose values need no escaping: keep quotes
+                    before, rest = before + '"', '"' + rest
+                parts.append(before)
+        parts.append(rest)
+        return tuple(parts)
 
 
 # -- the sink ------------------------------------------------------------------------------------
@@ -521,6 +555,7 @@ class AuditSink:
         self._ts_prefix = ""
         self._derived = _DerivedFields()
         self._templates = _Templates(self._derived)
+        self._durations = _Durations()
         self._last_hash = GENESIS
         self._last_fsync = 0.0
         self._dirty = False
@@ -845,53 +880,63 @@ class AuditSink:
         has_rows, has_error, has_stepup = rows is not None, error is not None, stepup is not None
         hit = self._templates.cache.get((id(c), session, user, client_addr, decision, rule,
                                          has_rows, has_error, has_stepup))
-        fmt = hit[1] if hit is not None and hit[0] is c else self._templates.get(
+        parts = hit[1] if hit is not None and hit[0] is c else self._templates.get(
             self, c, session, user, client_addr, decision, rule, has_rows, has_error,
             has_stepup)
-        if fmt is None:  # a value the template cannot hold: the general path
+        if parts is None:  # a value the template cannot hold: the general path
             fields: dict[str, Any] = {
                 "session": session, "user": user, "client_addr": client_addr,
                 "classification": c, "decision": decision, "rule": rule,
-                "duration": round(duration, 6)}
+                "duration": statement_duration(duration)}
             for k, v in (("rows", rows), ("error", error), ("stepup_event", stepup)):
                 if v is not None:
                     fields[k] = v
             return self._chain(ts, STATEMENT, fields)
         rid = self._last_id + 1
-        sec, us = divmod(round(ts * 1e6), 1_000_000)  # _format_ts(), inline
+        micros = round(ts * 1e6)  # _format_ts(), inline
+        sec = micros // 1_000_000
+        us = micros - sec * 1_000_000
         if sec != self._ts_sec:
             self._ts_sec = sec
-            self._ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        ts_text = f"{self._ts_prefix}.{us:06d}Z"
+            self._ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+        ts_text = self._ts_prefix + _DIGITS3[us // 1000] + _DIGITS3[us % 1000] + "Z"
         # The variable values in sorted-key order (_Templates.SLOTS): duration, error, id,
-        # prev, rows, stepup_event, ts; each as its JSON.
+        # prev, rows, stepup_event, ts; each as its JSON, between the template's parts.
         if has_rows and not has_error and not has_stepup:  # the usual statement
-            text = fmt % (repr(round(duration, 6)), rid, self._last_hash, int(rows), ts_text)
+            text = "".join((parts[0], self._durations.text(duration), parts[1], str(rid),
+                            parts[2], self._last_hash, parts[3], str(int(rows)), parts[4],
+                            ts_text, parts[5]))
         else:
-            values: list[Any] = [repr(round(duration, 6))]
+            values: list[str] = [self._durations.text(duration)]
             if error is not None:
                 values.append(json.dumps(error, ensure_ascii=False))
-            values.append(rid)
+            values.append(str(rid))
             values.append(self._last_hash)
             if rows is not None:
-                values.append(int(rows))
+                values.append(str(int(rows)))
             if stepup is not None:
                 values.append(json.dumps(_jsonable(stepup), ensure_ascii=False))
             values.append(ts_text)
-            text = fmt % tuple(values)
+            pieces = [parts[0]]
+            for value, part in zip(values, parts[1:], strict=True):
+                pieces.append(value)
+                pieces.append(part)
+            text = "".join(pieces)
         body = text.encode("utf-8")
-        digest = hashlib.sha256(body).hexdigest()
+        h = _SHA256.copy()  # no digest lookup per event (OpenSSL 3 fetches it per new hash)
+        h.update(body)
+        digest = h.hexdigest()
         self._last_id = rid
         self._last_hash = digest
-        return b"%s,\"hash\":\"%s\"}\n" % (body[:-1], digest.encode())
+        return b"".join((body[:-1], b',"hash":"', digest.encode(), b'"}\n'))
 
     def _format_ts(self, ts: float) -> str:
         """format_ts(), with the whole-second part cached (events come many per second)."""
         sec, us = divmod(round(ts * 1e6), 1_000_000)
         if sec != self._ts_sec:
             self._ts_sec = sec
-            self._ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return f"{self._ts_prefix}.{us:06d}Z"
+            self._ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+        return self._ts_prefix + _DIGITS3[us // 1000] + _DIGITS3[us % 1000] + "Z"
 
     def _failed(self, exc: Exception) -> None:
         self._errors += 1

@@ -389,7 +389,8 @@ def test_emit_statement_writes_what_emit_writes(session, user, addr, ci, decisio
     general = AuditSink(AuditConfig(path=None, include_literals=literals))
     fast = AuditSink(AuditConfig(path=None, include_literals=literals))
     fields = {"session": session, "user": user, "client_addr": addr, "classification": c,
-              "decision": decision, "rule": rule, "duration": round(duration, 6)}
+              "decision": decision, "rule": rule,
+              "duration": A.statement_duration(duration)}
     for k, v in (("rows", rows), ("error", error), ("stepup_event", stepup)):
         if v is not None:
             fields[k] = v
