@@ -13,8 +13,13 @@ cdef class Framer:
     cdef public Py_ssize_t _drop_left
     cdef public bint _held
     cdef public bytearray _held_buf
+    cdef public list _later
+    cdef public bytes _later_buf
 
     @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, flushed=Py_ssize_t, length=Py_ssize_t,
                    end=Py_ssize_t, seen=Py_ssize_t, mode=int, max_len=Py_ssize_t,
                    table=bytes)
     cdef void _scan(self, bytes data, list out) except *
+    cpdef list feed(self, data)
+    @cython.locals(pos=Py_ssize_t, i=Py_ssize_t, later=list, buf=bytes)
+    cpdef void run_later(self) except *

@@ -13,6 +13,11 @@ What happens to each message type is one table (`FrameTable`, 256 entries):
              `on_frame` with that head (end = start + 5 + head length), then stream the rest
              (or swallow it, when the message was replaced)
     INVALID  ProtocolError (frontend only: PostgreSQL ends the connection the same way)
+    LATER    gather the whole message and forward it unchanged with the bytes around it; call
+             `on_frame` later: from `run_later()`, which the owner calls once it has written
+             what `feed()` returned, or before any other callback (the order is kept). For the
+             messages that are only bookkeeping: the reply reaches the peer first. The verdict
+             of a LATER callback is ignored (the message has been forwarded).
 
 `on_frame` answers FORWARD (None), replacement bytes (sent instead of the message), or HOLD: the
 framer stops at that message and keeps it, and everything after it, unconsumed until
@@ -34,6 +39,7 @@ __all__ = [
     "HOLD",
     "INSPECT",
     "INVALID",
+    "LATER",
     "SKIP",
     "FrameTable",
     "Framer",
@@ -47,6 +53,7 @@ SKIP: Final = 0
 INSPECT: Final = 1
 HEAD: Final = 2
 INVALID: Final = 3
+LATER: Final = 4
 
 
 class _Hold:
@@ -66,11 +73,12 @@ OnFrame = Callable[[int, bytes, int, int], Verdict]
 
 def frame_table(default: int, **modes: str) -> FrameTable:
     """Build a table: `frame_table(SKIP, inspect="QP", head="B")`."""
-    unknown = set(modes) - {"skip", "inspect", "head", "invalid"}
+    unknown = set(modes) - {"skip", "inspect", "head", "invalid", "later"}
     if unknown:  # a typo would otherwise leave those types at the default mode
         raise TypeError(f"unknown frame_table modes: {sorted(unknown)}")
     table = bytearray([default]) * 256
-    for name, mode in (("skip", SKIP), ("inspect", INSPECT), ("head", HEAD), ("invalid", INVALID)):
+    for name, mode in (("skip", SKIP), ("inspect", INSPECT), ("head", HEAD), ("invalid", INVALID),
+                       ("later", LATER)):
         for ch in modes.get(name, ""):
             table[ord(ch)] = mode
     return bytes(table)
@@ -83,6 +91,8 @@ class Framer:
         "_head_bytes",
         "_held",
         "_held_buf",
+        "_later",
+        "_later_buf",
         "_max_len",
         "_need",
         "_on_frame",
@@ -102,6 +112,25 @@ class Framer:
         self._drop_left = 0  # bytes of a replaced HEAD message still to swallow
         self._held = False
         self._held_buf = bytearray()
+        # LATER messages not called back yet: start and end offsets in _later_buf, in pairs.
+        self._later: list[int] = []
+        self._later_buf = b""
+
+    def set_table(self, table: FrameTable) -> None:
+        """From the next feed() on (e.g. after the startup phase)."""
+        self._table = table
+
+    def run_later(self) -> None:
+        """Call back the LATER messages forwarded so far, in order."""
+        if not self._later:
+            return
+        later, buf = self._later, self._later_buf
+        self._later = []
+        self._later_buf = b""
+        on_frame = self._on_frame
+        for i in range(0, len(later), 2):
+            pos = later[i]
+            on_frame(buf[pos], buf, pos, later[i + 1])
 
     @property
     def holding(self) -> bool:
@@ -115,7 +144,7 @@ class Framer:
     def idle(self) -> bool:
         """True between messages: nothing partial buffered or streaming."""
         return (not self._buf and not self._stream_left and not self._drop_left
-                and not self._held)
+                and not self._held and not self._later)
 
     def feed(self, data: bytes) -> list[bytes]:
         if self._held:
@@ -180,6 +209,8 @@ class Framer:
     def _scan(self, data: bytes, out: list) -> None:  # type: ignore[type-arg]
         # The hot loop of the relay: locals only, one unpack per message, no slicing until a
         # run of unchanged bytes is written out.
+        if self._later:  # messages of an earlier feed() not called back yet: they come first
+            self.run_later()
         table, on_frame, max_len = self._table, self._on_frame, self._max_len
         unpack = _INT32
         n = len(data)
@@ -203,12 +234,21 @@ class Framer:
                 continue
             if mode == INVALID:
                 raise ProtocolError(f"invalid message type {chr(data[pos])!r}")
-            # INSPECT sees the whole message; HEAD sees at most its first head_bytes, however
-            # much of it has arrived, so the callback does not depend on how reads split.
-            seen = end if mode == INSPECT else min(end, pos + 5 + self._head_bytes)
+            # INSPECT and LATER see the whole message; HEAD sees at most its first head_bytes,
+            # however much of it has arrived, so the callback does not depend on how reads split.
+            seen = min(end, pos + 5 + self._head_bytes) if mode == HEAD else end
             if seen > n:
                 self._need = seen - pos
-                break  # wait for the whole message (INSPECT) or its head (HEAD)
+                break  # wait for the whole message (INSPECT, LATER) or its head (HEAD)
+            if mode == LATER:  # forwarded with the run it is in; called back later
+                if not self._later:
+                    self._later_buf = data
+                self._later.append(pos)
+                self._later.append(end)
+                pos = end
+                continue
+            if self._later:  # the LATER messages before this one are called back first
+                self.run_later()
             verdict = on_frame(data[pos], data, pos, seen)
             if verdict is None:
                 if end > n:  # a HEAD message: stream the rest as it arrives

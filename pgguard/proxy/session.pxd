@@ -5,6 +5,8 @@
 # A new attribute of Session must be declared here too, or the compiled build fails.
 cimport cython
 
+from pgguard.protocol.framing cimport Framer
+
 
 @cython.locals(first=Py_ssize_t, i=Py_ssize_t, rows=cython.longlong, scale=cython.longlong,
                ch=cython.uchar)
@@ -78,8 +80,8 @@ cdef class Session:
     cdef public set _tasks
     cdef public bint _shutting_down
     cdef public object _startup_timer
-    cdef public object _cframer
-    cdef public object _sframer
+    cdef public Framer _cframer
+    cdef public Framer _sframer
 
     @cython.locals(nul=Py_ssize_t, nul2=Py_ssize_t, running=set)
     cpdef object _on_client_frame(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end)

@@ -5,7 +5,8 @@ that forwards bytes in bulk and calls back only for the messages we must see:
 
     client → server   Query, Parse, Bind (head), Execute, Describe, Close, Sync, FunctionCall,
                       CopyDone/CopyFail, Terminate: to keep the reply FIFO and to decide
-    server → client   everything but DataRow, CopyData, NoticeResponse and Notification
+    server → client   everything but DataRow, CopyData, NoticeResponse and Notification;
+                      once ready, after the bytes are written to the client (but ErrorResponse)
 
 The reply FIFO (`_fifo`) holds one entry per forwarded message that expects a reply, in order;
 server replies pop it (PROTOCOL §1.3). An entry is a kind (an int, the frontend type byte), or a
@@ -35,6 +36,7 @@ from pgguard.protocol.framing import (
     HOLD,
     INSPECT,
     INVALID,
+    LATER,
     Framer,
     frame_table,
 )
@@ -54,8 +56,11 @@ __all__ = ["Session", "fatal_shutdown", "new_session_id"]
 
 # Frontend: what to look at. Anything not listed is not a frontend message type: 08P01.
 CLIENT_TABLE = frame_table(INVALID, inspect="QPESHCDFXcf", head="B", skip="dp")
-# Backend: stream the bulky and the asynchronous ones, look at the rest.
+# Backend: stream the bulky and the asynchronous ones, look at the rest. Once the session is
+# ready, only an ErrorResponse may be replaced (PROTOCOL §3): the rest is bookkeeping, done after
+# the reply has been written to the client (LATER).
 SERVER_TABLE = frame_table(INSPECT, skip="DdNA")
+SERVER_READY_TABLE = frame_table(LATER, skip="DdNA", inspect="E")
 
 # FIFO kinds (frontend type bytes).
 K_QUERY, K_PARSE, K_BIND, K_EXEC, K_SYNC, K_CLOSE = (ord(c) for c in "QPBESC")
@@ -837,6 +842,7 @@ class Session:
             out = self._sframer.feed(data)
             if out and self.client is not None:
                 _send(self.client, out)
+            self._sframer.run_later()  # the FIFO, rows, status: after the client has the reply
             if self._done:
                 self._report_done()
         except ClientRefused as exc:
@@ -998,6 +1004,7 @@ class Session:
             if self._our_pid is None:  # upstream sent no BackendKeyData: issue ours anyway
                 prefix = self._our_key_data(4 if self._client_minor < 2 else 32)
             self.state = READY
+            self._sframer.set_table(SERVER_READY_TABLE)
             self.txn_status = buf[start + 5 : start + 6]
             if self._startup_timer is not None:
                 self._startup_timer.cancel()

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import pgguard.protocol.framing as compiled_framing
 import pgguard.proxy.session as session_module
 from pgguard.errors import ProtocolError
-from pgguard.proxy.session import CLIENT_TABLE, SERVER_TABLE
+from pgguard.proxy.session import CLIENT_TABLE, SERVER_READY_TABLE, SERVER_TABLE
 
 SOURCE = Path(compiled_framing.__file__).with_name("framing.py")
 
@@ -89,6 +89,8 @@ def drive(module: ModuleType, table: bytes, chunks: list[bytes], plan: list[str]
                 choice = next(step)
                 trace.append(("resume", framer.resume(None if choice != "replace" else b"X")))
             trace.append(("idle", framer.idle))
+            framer.run_later()  # LATER messages (SERVER_READY_TABLE): called back now
+            trace.append(("later done", framer.idle))
     except ProtocolError as exc:
         trace.append(("error", type(exc).__name__, str(exc)))
     return trace
@@ -97,7 +99,7 @@ def drive(module: ModuleType, table: bytes, chunks: list[bytes], plan: list[str]
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(streams, st.lists(st.integers(0, 400), max_size=10), verdicts,
        st.sampled_from([5, 16, 4096]), st.sampled_from([64, 1 << 20]),
-       st.sampled_from(["client", "server"]))
+       st.sampled_from(["client", "server", "server ready"]))
 def test_compiled_framer_behaves_as_its_source(parts: list[bytes], cuts: list[int],
                                                plan: list[str], head_bytes: int, max_len: int,
                                                side: str) -> None:
@@ -105,7 +107,7 @@ def test_compiled_framer_behaves_as_its_source(parts: list[bytes], cuts: list[in
     points = sorted({c % (len(data) + 1) for c in cuts})
     bounds = [0, *points, len(data)]
     chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
-    table = CLIENT_TABLE if side == "client" else SERVER_TABLE
+    table = {"client": CLIENT_TABLE, "server": SERVER_TABLE, "server ready": SERVER_READY_TABLE}[side]
     want = drive(PURE, table, chunks, plan, head_bytes, max_len)
     got = drive(compiled_framing, table, chunks, plan, head_bytes, max_len)
     assert got == want

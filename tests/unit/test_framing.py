@@ -444,3 +444,57 @@ def test_client_table_matches_the_frontend_message_types() -> None:
     assert CLIENT_TABLE[ord("B")] == HEAD
     assert CLIENT_TABLE[ord("d")] == CLIENT_TABLE[ord("p")] == SKIP
     assert sum(1 for x in CLIENT_TABLE if x != INVALID) == 14
+
+
+# -- LATER: bookkeeping after the bytes are written ---------------------------------------------
+
+REPLY = b"".join([
+    msg(b"2"), data_row(10), data_row(3000), msg(b"C", b"SELECT 2\0"), msg(b"Z", b"I"),
+    msg(b"1"), msg(b"E", b"SERROR\0C42P01\0\0"), msg(b"S", b"a\0b\0"), msg(b"Z", b"E"),
+])
+LATER_TABLE = frame_table(INSPECT, skip="Dd", later="12CSZ")
+
+
+def test_later_messages_are_forwarded_in_bulk_and_called_back_in_order() -> None:
+    """A LATER message goes out with the run it is in (no flush at it) and is called back on
+    run_later(), or before the next INSPECT callback: the order of callbacks is kept."""
+    rec = Recorder()
+    framer = Framer(LATER_TABLE, rec)
+    out = framer.feed(REPLY)
+    # The callbacks so far: the LATER ones before the ErrorResponse, then it (inspected).
+    assert [c[0] for c in rec.calls] == list("2CZ1E")
+    assert not framer.idle  # S and Z are waiting for run_later()
+    assert out == [REPLY]  # nothing replaced: one slice, as a SKIP run would be
+    framer.run_later()
+    assert [c[0] for c in rec.calls] == list("2CZ1ESZ")
+    assert rec.calls[-2][1] == msg(b"S", b"a\0b\0")
+    assert framer.idle
+    framer.run_later()  # nothing waiting: nothing called
+    assert len(rec.calls) == 7
+
+
+def test_later_callbacks_are_the_same_however_the_reply_is_split() -> None:
+    _, want, _ = run([REPLY], table=frame_table(INSPECT, skip="Dd"))  # all called at once
+    for chunks in [bytewise(REPLY)] + [splits(REPLY, random.Random(s)) for s in range(20)]:
+        rec = Recorder()
+        framer = Framer(LATER_TABLE, rec)
+        out: list[bytes] = []
+        for chunk in chunks:
+            out += framer.feed(chunk)
+            if random.Random(len(out)).random() < 0.5:  # an owner may run them at any feed
+                framer.run_later()
+        framer.run_later()
+        assert b"".join(out) == REPLY
+        assert rec.calls == want
+        assert framer.idle
+
+
+def test_later_verdict_is_ignored_and_replacement_still_works_for_inspect() -> None:
+    def decide(typ: str, seen: bytes) -> Verdict:
+        return b"!" if typ in "EZ" else FORWARD  # Z is LATER: already forwarded, ignored
+
+    out, _, framer = run([REPLY], table=LATER_TABLE, decide=decide)
+    framer.run_later()
+    error = msg(b"E", b"SERROR\0C42P01\0\0")
+    i = REPLY.index(error)
+    assert b"".join(out) == REPLY[:i] + b"!" + REPLY[i + len(error):]
