@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 # The modules setup.py compiles with Cython are prerequisites too: an edited one is rebuilt (a
 # stale extension would be imported instead of the edited .py; the tests refuse to start then).
 COMPILED_SOURCES := setup.py pgguard/protocol/framing.py pgguard/protocol/framing.pxd \
-	pgguard/proxy/session.py pgguard/proxy/session.pxd
+	pgguard/proxy/session.py pgguard/proxy/session.pxd \
+	pgguard/observability/audit.py pgguard/observability/audit.pxd
 
 $(STAMP): pyproject.toml $(COMPILED_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -2,7 +2,8 @@
 everything else).
 
 The modules stay plain Python (the reference, what mypy and the tests read); Cython compiles
-them as they are, with C types for the framer's scan loop from framing.pxd. Each extension is
+them with C types from the .pxd next to each (annotations are not read as C types): the
+framer's scan loop, the session and the audit sink as extension types. Each extension is
 optional: without a C compiler (or with PGGUARD_PURE_PYTHON=1) pgguard installs and runs as
 pure Python, only slower. `pgguard run` logs which one it runs (`proxy.listening`, `compiled`).
 """
@@ -12,8 +13,9 @@ import os
 from setuptools import setup
 from setuptools.extension import Extension
 
-# The per-message code of the relay (see benchmarks/README.md, "Hot path in process").
-COMPILED = ["pgguard/protocol/framing.py", "pgguard/proxy/session.py"]
+# The per-message code of the relay and the per-statement audit event (benchmarks/README.md).
+COMPILED = ["pgguard/protocol/framing.py", "pgguard/proxy/session.py",
+            "pgguard/observability/audit.py"]
 
 
 def extensions() -> list[Extension]:

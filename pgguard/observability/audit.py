@@ -529,6 +529,7 @@ class AuditSink:
         self._clock = clock
         self._stdout = stdout if stdout is not None else (sys.stdout if config.stdout else None)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._max_pending = config.max_pending
         self._held = 0             # events the writer holds (retrying), not in the queue
         self._dropped_total = 0    # events refused because the backlog was full
         self._dropped_chained = 0  # ... of which an audit.gap event has told the record
@@ -666,7 +667,7 @@ class AuditSink:
         ref = EventRef()
         if self._closed:
             return ref
-        if self._held + len(self._pending) >= self.config.max_pending:
+        if self._held + len(self._pending) >= self._max_pending:
             # The writer is stuck (disk gone?) and memory is not infinite: drop, say so (an
             # audit.gap event), and stay unhealthy so sensitive statements are refused.
             self._dropped_total += 1
@@ -692,7 +693,7 @@ class AuditSink:
         formatting of a template made once per classification and session (`_Templates`)."""
         if self._closed:
             return
-        if self._held + len(self._pending) >= self.config.max_pending:
+        if self._held + len(self._pending) >= self._max_pending:
             self._dropped_total += 1
             self._healthy = False
             return
