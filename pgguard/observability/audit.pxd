@@ -50,7 +50,7 @@ cdef class AuditSink:
     cdef public bint _needs_reopen
     cdef public object _size
     cdef public object last_error
-    cdef public Py_ssize_t _max_pending
+    cdef public object _max_pending
 
     cpdef void emit_statement(self, object session, object user, object client_addr,
                               object classification, object decision, object rule,

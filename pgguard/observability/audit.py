@@ -689,8 +689,8 @@ class AuditSink:
                        rows: int | None = None, error: str | None = None,
                        stepup_event: Any = None) -> None:
         """The `statement` event of a forwarded statement, at completion: what `emit(STATEMENT,
-        ...)` writes, for the hot path: no dict, no EventRef, and the line made by one `%`
-        formatting of a template made once per classification and session (`_Templates`)."""
+        ...)` writes, for the hot path: no dict, no EventRef, and the line joined from the
+        parts of a template made once per classification and session (`_Templates`)."""
         if self._closed:
             return
         if self._held + len(self._pending) >= self._max_pending:

@@ -75,6 +75,8 @@ async def _not_enrolled(user: str) -> bool:
     return False
 
 
+# Classifications in a worker before giving up (UNKNOWN) when reloads keep outdating them.
+OFFLOAD_ATTEMPTS = 3
 # Statements longer than this that are not cached are classified in a worker process: a cold
 # parse costs ~2 ms per KB (benchmarks/README.md), and the event loop serves every session.
 OFFLOAD_CHARS = 16 * 1024
@@ -185,28 +187,35 @@ class ProxyContext:
 
     async def classify_offloaded(self, sql: str, facts: SessionFacts, parse_message: bool,
                                  cache: ClassificationCache) -> Classification:
-        """Classify in a worker process; any failure there is UNKNOWN (fail closed)."""
+        """Classify in a worker process; any failure there is UNKNOWN (fail closed). If the
+        rules or the catalog change while the worker classifies (a reload), its result is
+        from the old ones: classified again under the new ones, never cached."""
         loop = asyncio.get_running_loop()
-        start = time.perf_counter()
-        try:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-            async with asyncio.timeout(OFFLOAD_TIMEOUT):
-                result = await loop.run_in_executor(
-                    self._pool, _classify_in_worker, sql, cache.rules, cache.catalog, facts,
-                    cache.max_sql_bytes, parse_message)
-        except (TimeoutError, BrokenProcessPool, OSError, pickle.PickleError) as exc:
-            log.warning("classify.offload_failed", error=repr(exc))
-            if isinstance(exc, BrokenProcessPool | TimeoutError) and self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
-            return _OFFLOAD_FAILED
-        if self.metrics is not None:
-            self.metrics.classify_seconds.observe(time.perf_counter() - start)
-            self.metrics.classify_cache["miss"].inc()
-        cache.put(sql, facts, parse_message, result)
-        return result
+        for _ in range(OFFLOAD_ATTEMPTS):
+            epoch = cache.epoch  # a new object only when a reload changes it
+            start = time.perf_counter()
+            try:
+                if self._pool is None:
+                    self._pool = ProcessPoolExecutor(
+                        max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                async with asyncio.timeout(OFFLOAD_TIMEOUT):
+                    result = await loop.run_in_executor(
+                        self._pool, _classify_in_worker, sql, cache.rules, cache.catalog,
+                        facts, cache.max_sql_bytes, parse_message)
+            except (TimeoutError, BrokenProcessPool, OSError, pickle.PickleError) as exc:
+                log.warning("classify.offload_failed", error=repr(exc))
+                if isinstance(exc, BrokenProcessPool | TimeoutError) and self._pool is not None:
+                    self._pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = None
+                return _OFFLOAD_FAILED
+            if self.metrics is not None:
+                self.metrics.classify_seconds.observe(time.perf_counter() - start)
+                self.metrics.classify_cache["miss"].inc()
+            if cache.epoch is epoch:
+                cache.put(sql, facts, parse_message, result)
+                return result
+        log.warning("classify.offload_failed", error="the rules changed during every attempt")
+        return _OFFLOAD_FAILED
 
     def close_pool(self) -> None:
         if self._pool is not None:

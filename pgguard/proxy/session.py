@@ -58,9 +58,10 @@ __all__ = ["Session", "fatal_shutdown", "new_session_id"]
 CLIENT_TABLE = frame_table(INVALID, inspect="QPESHCDFXcf", head="B", skip="dp")
 # Backend: stream the bulky and the asynchronous ones, look at the rest. Once the session is
 # ready, only an ErrorResponse may be replaced (PROTOCOL §3): the rest is bookkeeping, done after
-# the reply has been written to the client (LATER).
+# the reply has been written to the client (LATER), but a ParameterStatus, rare by then, is
+# checked before it is forwarded (a malformed one ends the session without reaching the client).
 SERVER_TABLE = frame_table(INSPECT, skip="DdNA")
-SERVER_READY_TABLE = frame_table(LATER, skip="DdNA", inspect="E")
+SERVER_READY_TABLE = frame_table(LATER, skip="DdNA", inspect="ES")
 
 # FIFO kinds (frontend type bytes).
 K_QUERY, K_PARSE, K_BIND, K_EXEC, K_SYNC, K_CLOSE = (ord(c) for c in "QPBESC")
@@ -566,7 +567,7 @@ class Session:
         """The rules or the catalog changed since this session's statements were classified:
         classify this one again before it is bound (in process: a reload is rare)."""
         text = prepared[0]
-        if self._stmt_epoch != self._cache.epoch:
+        if self._stmt_epoch is not self._cache.epoch:  # as at Bind: a reload makes a new one
             self._stmt_epoch = self._cache.epoch
             self._stale = set(self._statements)
         if stmt in self._stale and text is not None:

@@ -149,3 +149,25 @@ def test_prepared_statements_are_classified_again_after_a_rules_reload(pg, proxy
         msgs = read_messages(s)
         (err,) = errors(msgs)
         assert err["C"] == "42501" and "pii" in err["M"], err
+
+
+def test_statement_parsed_under_other_rules_is_classified_again_when_they_change_back(
+        pg, proxy_factory):
+    """Rules A (email is PII), then B (it is not): a statement parsed under B and bound after
+    the rules went back to A (an equal epoch, a new reload) is classified again under A."""
+    pg.psql(TABLE, dbname="app")
+    strict = policy(["read", "tx"])  # fc_users.email is PII
+    lax = policy(["read", "tx"])
+    lax["pii"] = {"tables": {"public.other": ["x"]}}
+    proxy = proxy_factory(pg, strict)
+    with connect_raw(proxy) as s:
+        md5_login(s)
+        s.sendall(m.parse(b"q", "SELECT 1") + bind(b"", b"q") + m.execute(b"") + m.sync())
+        assert "D" in [t for t, _ in read_messages(s)]
+        reload(proxy, lax)
+        s.sendall(m.parse(b"x", "SELECT email FROM fc_users") + m.sync())
+        assert "1" in [t for t, _ in read_messages(s)]  # classified under B: a plain read
+        reload(proxy, strict)
+        s.sendall(bind(b"", b"x") + m.execute(b"") + m.sync())
+        (err,) = errors(read_messages(s))
+        assert err["C"] == "42501" and "pii" in err["M"], err

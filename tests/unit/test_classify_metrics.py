@@ -47,3 +47,29 @@ def test_without_metrics_the_cache_still_counts() -> None:
     ctx.classify("select 1", SessionFacts(), False)
     ctx.classify("select 1", SessionFacts(), False)
     assert (ctx.classifier.hits, ctx.classifier.misses) == (1, 1)
+
+
+def test_offloaded_classification_outdated_by_a_reload_is_done_again() -> None:
+    """A reload while the worker classifies: its answer (old rules) is neither used nor cached;
+    the statement is classified again under the new rules."""
+    import asyncio
+
+    from pgguard.classify import PiiRules, StatementClass
+
+    ctx = _ctx()
+    cache = ctx.classifier
+    sql = "select email from public.users"
+    facts = SessionFacts()
+
+    async def run() -> object:
+        task = asyncio.ensure_future(ctx.classify_offloaded(sql, facts, False, cache))
+        await asyncio.sleep(0)  # the worker (a new process) is starting: seconds away
+        cache.update(rules=PiiRules.from_config({"tables": {"public.users": ["email"]}}))
+        try:
+            return await task
+        finally:
+            ctx.close_pool()
+
+    result = asyncio.run(run())
+    assert StatementClass.PII in result.classes  # type: ignore[attr-defined]
+    assert cache.lookup(sql, facts) is result
