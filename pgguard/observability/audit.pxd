@@ -56,7 +56,8 @@ cdef class AuditSink:
                               object classification, object decision, object rule,
                               object duration, object rows=*, object error=*,
                               object stepup_event=*) except *
-    @cython.locals(parts=tuple, hit=tuple, micros=cython.longlong, sec=cython.longlong,
-                   us=cython.longlong, has_rows=bint, has_error=bint, has_stepup=bint,
+    @cython.locals(parts=tuple, hit=tuple, has_rows=bint, has_error=bint, has_stepup=bint,
                    text=str, body=bytes, digest=str)
     cpdef bytes _chain_statement(self, object ts, tuple args)
+    @cython.locals(micros=cython.longlong, sec=cython.longlong, us=cython.longlong)
+    cpdef str _format_ts(self, object ts)

@@ -894,13 +894,7 @@ class AuditSink:
                     fields[k] = v
             return self._chain(ts, STATEMENT, fields)
         rid = self._last_id + 1
-        micros = round(ts * 1e6)  # _format_ts(), inline
-        sec = micros // 1_000_000
-        us = micros - sec * 1_000_000
-        if sec != self._ts_sec:
-            self._ts_sec = sec
-            self._ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
-        ts_text = self._ts_prefix + _DIGITS3[us // 1000] + _DIGITS3[us % 1000] + "Z"
+        ts_text = self._format_ts(ts)
         # The variable values in sorted-key order (_Templates.SLOTS): duration, error, id,
         # prev, rows, stepup_event, ts; each as its JSON, between the template's parts.
         if has_rows and not has_error and not has_stepup:  # the usual statement
@@ -933,7 +927,9 @@ class AuditSink:
 
     def _format_ts(self, ts: float) -> str:
         """format_ts(), with the whole-second part cached (events come many per second)."""
-        sec, us = divmod(round(ts * 1e6), 1_000_000)
+        micros = round(ts * 1e6)
+        sec = micros // 1_000_000
+        us = micros - sec * 1_000_000
         if sec != self._ts_sec:
             self._ts_sec = sec
             self._ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
