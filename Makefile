@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 # stale extension would be imported instead of the edited .py; the tests refuse to start then).
 COMPILED_SOURCES := setup.py pgguard/protocol/framing.py pgguard/protocol/framing.pxd \
 	pgguard/proxy/session.py pgguard/proxy/session.pxd \
-	pgguard/observability/audit.py pgguard/observability/audit.pxd
+	pgguard/observability/audit.py pgguard/observability/audit.pxd \
+	pgguard/observability/_auditline.pyx
 
 $(STAMP): pyproject.toml $(COMPILED_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -3,9 +3,12 @@ everything else).
 
 The modules stay plain Python (the reference, what mypy and the tests read); Cython compiles
 them with C types from the .pxd next to each (annotations are not read as C types): the
-framer's scan loop, the session and the audit sink as extension types. Each extension is
-optional: without a C compiler (or with PGGUARD_PURE_PYTHON=1) pgguard installs and runs as
-pure Python, only slower. `pgguard run` logs which one it runs (`proxy.listening`, `compiled`).
+framer's scan loop, the session and the audit sink as extension types. One helper exists only
+in C: `_auditline.pyx` writes the usual statement event's line with OpenSSL's SHA-256 (it needs
+OpenSSL's headers, libssl-dev); audit.py has the same code in Python and uses it without the
+helper. Each extension is optional: without a C compiler (or with PGGUARD_PURE_PYTHON=1)
+pgguard installs and runs as pure Python, only slower. `pgguard run` logs which one it runs
+(`proxy.listening`, `compiled`).
 """
 
 import os
@@ -27,6 +30,10 @@ def extensions() -> list[Extension]:
         return []
     modules = [Extension(path[:-3].replace("/", "."), [path], optional=True)
                for path in COMPILED]
+    modules.append(Extension("pgguard.observability._auditline",
+                             ["pgguard/observability/_auditline.pyx"], libraries=["crypto"],
+                             define_macros=[("OPENSSL_SUPPRESS_DEPRECATED", None)],
+                             optional=True))
     return cythonize(modules, compiler_directives={"language_level": "3",
                                                      "annotation_typing": False}, quiet=True)
 

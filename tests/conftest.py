@@ -28,7 +28,7 @@ def _stale_compiled_modules() -> list[str]:
     stale = []
     for so in (ROOT / "pgguard").rglob("*.so"):
         source = so.with_name(so.name.split(".")[0] + ".py")
-        sources = [source, source.with_suffix(".pxd")]
+        sources = [source, source.with_suffix(".pxd"), source.with_suffix(".pyx")]
         newest = max((s.stat().st_mtime for s in sources if s.exists()), default=0.0)
         if newest > so.stat().st_mtime:
             stale.append(str(so.relative_to(ROOT)))

@@ -10,7 +10,7 @@ cimport cython
 cdef class _Durations:
     cdef public dict _cache
 
-    cpdef str text(self, object seconds)
+    cpdef bytes text(self, object seconds)
 
 
 cdef class _Templates:
@@ -44,6 +44,7 @@ cdef class AuditSink:
     cdef public object _derived
     cdef public _Templates _templates
     cdef public _Durations _durations
+    cdef public object _lines
     cdef public str _last_hash
     cdef public double _last_fsync
     cdef public bint _dirty
@@ -57,7 +58,7 @@ cdef class AuditSink:
                               object duration, object rows=*, object error=*,
                               object stepup_event=*) except *
     @cython.locals(parts=tuple, hit=tuple, has_rows=bint, has_error=bint, has_stepup=bint,
-                   text=str, body=bytes, digest=str)
+                   usual=bint, body=bytes, digest=str)
     cpdef bytes _chain_statement(self, object ts, tuple args)
     @cython.locals(micros=cython.longlong, sec=cython.longlong, us=cython.longlong)
     cpdef str _format_ts(self, object ts)

@@ -57,6 +57,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+try:  # the usual statement event's line in C (setup.py); without it, _chain_statement's code
+    from pgguard.observability._auditline import StatementLines as _CStatementLines
+except ImportError:
+    _CStatementLines = None  # type: ignore[assignment,misc]
+
 __all__ = [
     "AUDIT_GAP",
     "ENROLL",
@@ -157,22 +162,22 @@ _DIGITS3 = tuple(f"{i:03d}" for i in range(1000))  # microseconds as two groups 
 
 
 class _Durations:
-    """The JSON text of `statement_duration(seconds)`, by whole microseconds: float repr is
-    the costliest part of a statement event, and durations repeat."""
+    """The JSON text (UTF-8) of `statement_duration(seconds)`, by whole microseconds: float
+    repr is the costliest part of a statement event, and durations repeat."""
 
     __slots__ = ("_cache",)
     LIMIT = 1 << 16
 
     def __init__(self) -> None:
-        self._cache: dict[int, str] = {}
+        self._cache: dict[int, bytes] = {}
 
-    def text(self, seconds: float) -> str:
+    def text(self, seconds: float) -> bytes:
         us = round(seconds * 1e6)
         hit = self._cache.get(us)
         if hit is None:
             if len(self._cache) >= self.LIMIT:
                 self._cache.clear()
-            hit = self._cache[us] = repr(us / 1e6)
+            hit = self._cache[us] = repr(us / 1e6).encode()
         return hit
 
 
@@ -429,10 +434,10 @@ _FAST_STATEMENT = object()  # the queue's event slot for emit_statement() tuples
 class _Templates:
     """Statement events from one classification and session differ only in their duration,
     error, id, prev, rows, stepup_event and ts. For each such family the canonical JSON is
-    made once with a marker in place of each variable value, and cut at the markers: writing
-    an event is one join of those parts with the JSON of each value, which gives exactly
-    `canonical_json()` of the event (tests/unit/test_audit.py checks it, whatever the
-    values)."""
+    made once with a marker in place of each variable value, and cut at the markers (kept as
+    UTF-8): writing an event is one join of those parts with the JSON of each value, which
+    gives exactly `canonical_json()` of the event (tests/unit/test_audit.py checks it, whatever
+    the values)."""
 
     __slots__ = ("_derived", "_marks", "cache")
     LIMIT = 4096
@@ -441,7 +446,7 @@ class _Templates:
     def __init__(self, derived: _DerivedFields) -> None:
         # (id(c), session, user, client_addr, decision, rule, has_rows, has_error,
         # has_stepup) → (c, parts); the sink reads it directly on the hot path.
-        self.cache: dict[tuple[Any, ...], tuple[Any, tuple[str, ...]]] = {}
+        self.cache: dict[tuple[Any, ...], tuple[Any, tuple[bytes, ...]]] = {}
         self._derived = derived
         # A NUL cannot occur in SQL text, user names or addresses from the wire; the nonce
         # makes a clash impossible in practice anyway (a clash falls back to the slow path).
@@ -450,7 +455,7 @@ class _Templates:
 
     def get(self, sink: AuditSink, c: Any, session: str, user: str, client_addr: str,
             decision: str, rule: str | None, has_rows: bool, has_error: bool,
-            has_stepup: bool) -> tuple[str, ...] | None:
+            has_stepup: bool) -> tuple[bytes, ...] | None:
         key = (id(c), session, user, client_addr, decision, rule, has_rows, has_error,
                has_stepup)
         hit = self.cache.get(key)
@@ -467,7 +472,7 @@ class _Templates:
 
     def _make(self, sink: AuditSink, c: Any, session: str, user: str, client_addr: str,
               decision: str, rule: str | None, has_rows: bool, has_error: bool,
-              has_stepup: bool) -> tuple[str, ...] | None:
+              has_stepup: bool) -> tuple[bytes, ...] | None:
         marks = self._marks
         fields: dict[str, Any] = {"session": session, "user": user, "client_addr": client_addr,
                                   "classification": c, "decision": decision, "rule": rule,
@@ -496,7 +501,7 @@ class _Templates:
                     before, rest = before + '"', '"' + rest
                 parts.append(before)
         parts.append(rest)
-        return tuple(parts)
+        return tuple(part.encode("utf-8") for part in parts)
 
 
 # -- the sink ------------------------------------------------------------------------------------
@@ -557,6 +562,8 @@ class AuditSink:
         self._derived = _DerivedFields()
         self._templates = _Templates(self._derived)
         self._durations = _Durations()
+        # The usual statement line in C when built (_auditline.pyx), else the Python code.
+        self._lines = _CStatementLines() if _CStatementLines is not None else None
         self._last_hash = GENESIS
         self._last_fsync = 0.0
         self._dirty = False
@@ -894,30 +901,36 @@ class AuditSink:
                     fields[k] = v
             return self._chain(ts, STATEMENT, fields)
         rid = self._last_id + 1
-        ts_text = self._format_ts(ts)
+        usual = has_rows and not has_error and not has_stepup
+        if usual and self._lines is not None:  # the same bytes as below, made in C
+            line = self._lines.line(parts, duration, rid, self._last_hash, rows, ts)
+            if line is not None:
+                self._last_id = rid
+                self._last_hash = self._lines.digest
+                return line
+        ts_text = self._format_ts(ts).encode()
         # The variable values in sorted-key order (_Templates.SLOTS): duration, error, id,
         # prev, rows, stepup_event, ts; each as its JSON, between the template's parts.
-        if has_rows and not has_error and not has_stepup:  # the usual statement
-            text = "".join((parts[0], self._durations.text(duration), parts[1], str(rid),
-                            parts[2], self._last_hash, parts[3], str(int(rows)), parts[4],
-                            ts_text, parts[5]))
+        if usual:
+            body = b"".join((parts[0], self._durations.text(duration), parts[1], b"%d" % rid,
+                             parts[2], self._last_hash.encode(), parts[3], b"%d" % int(rows),
+                             parts[4], ts_text, parts[5]))
         else:
-            values: list[str] = [self._durations.text(duration)]
+            values: list[bytes] = [self._durations.text(duration)]
             if error is not None:
-                values.append(json.dumps(error, ensure_ascii=False))
-            values.append(str(rid))
-            values.append(self._last_hash)
+                values.append(json.dumps(error, ensure_ascii=False).encode("utf-8"))
+            values.append(b"%d" % rid)
+            values.append(self._last_hash.encode())
             if rows is not None:
-                values.append(str(int(rows)))
+                values.append(b"%d" % int(rows))
             if stepup is not None:
-                values.append(json.dumps(_jsonable(stepup), ensure_ascii=False))
+                values.append(json.dumps(_jsonable(stepup), ensure_ascii=False).encode("utf-8"))
             values.append(ts_text)
             pieces = [parts[0]]
             for value, part in zip(values, parts[1:], strict=True):
                 pieces.append(value)
                 pieces.append(part)
-            text = "".join(pieces)
-        body = text.encode("utf-8")
+            body = b"".join(pieces)
         h = _SHA256.copy()  # no digest lookup per event (OpenSSL 3 fetches it per new hash)
         h.update(body)
         digest = h.hexdigest()

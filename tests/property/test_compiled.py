@@ -2,6 +2,8 @@
 
 The audit sink's statement events (audit.py with audit.pxd) are checked the same way: the same
 events chained by the compiled sink and by the one loaded from audit.py give the same bytes.
+The usual statement line is made by a C helper (_auditline.pyx) when it is built: its lines
+and hashes must be the ones audit.py's own code makes, for any values.
 
 framing.py is compiled with C types (framing.pxd); here the compiled Framer and the one loaded
 from framing.py as plain Python get the same random streams, splits and verdicts (forward,
@@ -56,6 +58,8 @@ PURE_AUDIT = _pure(compiled_audit)
 def _compiled_build() -> None:
     missing = [mod.__name__ for mod in (compiled_framing, session_module, compiled_audit)
                if not _is_compiled(mod)]
+    if compiled_audit._CStatementLines is None:
+        missing.append("pgguard.observability._auditline")
     if missing and os.environ.get("CI"):
         pytest.fail(f"not compiled: {', '.join(missing)} (setup.py needs Cython and a C compiler)")
     if missing:
@@ -140,9 +144,54 @@ def test_compiled_audit_chains_what_its_source_chains(events: list[tuple[Any, ..
     """The same statement events give the same lines, hashes and ids, compiled or not."""
     sinks = [module.AuditSink(module.AuditConfig(path=None)) for module in (compiled_audit,
                                                                             PURE_AUDIT)]
+    sinks[1]._lines = None  # audit.py's own code throughout, not the C helper
     for session, user, addr, ci, decision, rule, duration, rows, error, stepup, ts in events:
         args = (session, user, addr, _CLASSIFICATIONS[ci], decision, rule, duration, rows,
                 error, stepup)
         got, want = (sink._chain_statement(ts, args) for sink in sinks)
         assert got == want
     assert (sinks[0].last_id, sinks[0].last_hash) == (sinks[1].last_id, sinks[1].last_hash)
+
+
+# -- the usual statement line in C (_auditline.pyx) against audit.py's code --------------------
+
+_HEXES = st.text("0123456789abcdef", min_size=64, max_size=64)
+# Durations as whole microseconds (every repr form: 0.0, 5e-06, 1.2e-05, 0.0001, 123.456789,
+# at the 1e15 µs limit and past it) and as any float, half-microsecond ties included.
+_DURATIONS = (st.integers(0, 10**15 + 10).map(lambda us: us / 1e6)
+              | st.integers(0, 200).map(lambda us: us / 1e6)
+              | st.sampled_from([0.0, 5e-7, 1.5e-6, 2.5e-6, 9.95e-5, 0.0001, 1e9, 1e9 - 1e-6])
+              | st.floats(-1, 2e9, allow_nan=False, allow_infinity=False))
+_TIMES = (st.floats(0, 253402300800, allow_nan=False)
+          | st.sampled_from([0.0, 1e9 + 0.5e-6, 1e9 + 1.5e-6, 253402300799.999999, -1.0]))
+_ROWS = st.integers(0, (1 << 63) - 1) | st.integers(-5, (1 << 64) + 5) | st.just(True)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(max_size=14), st.text(max_size=10), st.text(max_size=20),
+       st.integers(0, len(_SQL) - 1), st.none() | st.text(max_size=8), _DURATIONS, _ROWS,
+       _TIMES, st.integers(0, (1 << 63) - 2) | st.integers(1 << 63, 1 << 64), _HEXES)
+def test_c_statement_line_is_what_audit_py_writes(session: str, user: str, addr: str, ci: int,
+                                                  rule: str | None, duration: float, rows: int,
+                                                  ts: float, last_id: int, prev: str) -> None:
+    """Same line, hash and id from the C helper as from audit.py's code; and the helper
+    declines (None: audit.py writes the line) only outside the ranges it writes."""
+    sinks = [compiled_audit.AuditSink(compiled_audit.AuditConfig(path=None)) for _ in range(2)]
+    sinks[1]._lines = None
+    args = (session, user, addr, _CLASSIFICATIONS[ci], "allowed", rule, duration, rows, None,
+            None)
+    for sink in sinks:
+        sink._last_id, sink._last_hash = last_id, prev
+    got, want = (sink._chain_statement(ts, args) for sink in sinks)
+    assert got == want
+    assert (sinks[0].last_id, sinks[0].last_hash) == (sinks[1].last_id, sinks[1].last_hash)
+    assert sinks[0].last_hash == want[-67:-3].decode()
+    parts = sinks[0]._templates.get(sinks[0], _CLASSIFICATIONS[ci], session, user, addr,
+                                    "allowed", rule, True, False, False)
+    made = compiled_audit._CStatementLines().line(parts, duration, last_id + 1, prev, rows, ts)
+    in_range = (type(rows) is int and 0 <= rows < 1 << 63 and last_id + 1 < 1 << 63
+                and 0 <= round(duration * 1e6) < 10**15 and 0 <= round(ts * 1e6) < 253402300800e6)
+    assert (made is not None) == in_range
+    if made is not None:
+        assert made == want
+    assert compiled_audit._CStatementLines().line(parts, float("nan"), 1, prev, 1, ts) is None

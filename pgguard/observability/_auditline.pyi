@@ -1,0 +1,7 @@
+# The C helper's interface (_auditline.pyx), for mypy: it exists only when setup.py built it.
+
+class StatementLines:
+    digest: str  # the hash of the last line made
+
+    def line(self, parts: tuple[bytes, ...], duration: float, rid: int, prev: str, rows: int,
+             ts: float) -> bytes | None: ...

@@ -1,0 +1,229 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The line of the usual `statement` event, made in C: the one audit event per statement.
+
+audit.py makes every line itself; for the statement event of a forwarded statement that
+returned rows (no error, no step-up) it asks `StatementLines.line()` first, which writes the
+same bytes as audit.py's own code without a Python object per value: the template's parts
+(bytes, from `_Templates`) and the variable values (duration, id, prev, rows, ts) are copied
+into the line in place, and SHA-256 is OpenSSL's, called directly. audit.py stays the
+reference: `line()` returns None for any value outside the ranges written here, and audit.py
+takes its own path then; tests/property/test_compiled.py checks that both give the same bytes.
+
+setup.py builds this when a C compiler and OpenSSL's headers are there (libssl-dev); without
+them audit.py runs as it is, only slower.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeASCII
+from libc.math cimport rint
+from libc.string cimport memcpy
+from libc.time cimport time_t, tm
+
+
+cdef extern from "<time.h>" nogil:
+    tm *gmtime_r(const time_t *timep, tm *result)
+
+
+cdef extern from "openssl/sha.h" nogil:
+    ctypedef struct SHA256_CTX:
+        pass
+    int SHA256_Init(SHA256_CTX *c)
+    int SHA256_Update(SHA256_CTX *c, const void *data, size_t n)
+    int SHA256_Final(unsigned char *md, SHA256_CTX *c)
+
+
+cdef enum:
+    TS_LEN = 27      # 2025-01-31T12:00:00.123456Z
+    PREFIX_LEN = 20  # 2025-01-31T12:00:00.
+    HASH_TAIL = 76   # ,"hash":"<64 hex>"}\n, written over the body's closing }
+
+cdef double MAX_MICROS = 253402300800000000.0  # 10000-01-01T00:00:00Z: four-digit years only
+cdef double MAX_DURATION_US = 1e15  # below this, repr() of the duration is what _duration writes
+
+cdef const char *_HEX = b"0123456789abcdef"
+
+
+cdef inline Py_ssize_t _digits(char *out, unsigned long long v) noexcept:
+    """Decimal digits of v at out; their number."""
+    cdef char tmp[20]
+    cdef Py_ssize_t n = 0, i
+    while True:
+        tmp[n] = <char>(48 + v % 10)
+        n += 1
+        v //= 10
+        if v == 0:
+            break
+    for i in range(n):
+        out[i] = tmp[n - 1 - i]
+    return n
+
+
+cdef inline void _fixed(char *out, long long v, int width) noexcept:
+    """v as exactly `width` digits, zero-padded."""
+    cdef int i
+    for i in range(width - 1, -1, -1):
+        out[i] = <char>(48 + v % 10)
+        v //= 10
+
+
+cdef Py_ssize_t _duration(char *out, long long us) noexcept:
+    """repr(us / 1e6), the JSON of a statement's duration, for 0 <= us < 1e15: the decimal
+    us·10⁻⁶ without trailing zeros (it is the shortest text of that float), in exponent form
+    below 1e-4 as repr writes it (1.2e-05, 5e-06)."""
+    cdef Py_ssize_t n
+    cdef long long whole, frac
+    cdef int width
+    if us == 0:
+        memcpy(out, b"0.0", 3)
+        return 3
+    if us < 100:  # 1e-06 .. 9.9e-05
+        if us < 10:
+            out[0] = <char>(48 + us)
+            n = 1
+            memcpy(out + n, b"e-06", 4)
+        else:
+            out[0] = <char>(48 + us // 10)
+            n = 1
+            if us % 10:
+                out[1] = b'.'
+                out[2] = <char>(48 + us % 10)
+                n = 3
+            memcpy(out + n, b"e-05", 4)
+        return n + 4
+    whole = us // 1000000
+    frac = us % 1000000
+    n = _digits(out, <unsigned long long>whole)
+    out[n] = b'.'
+    n += 1
+    if frac == 0:
+        out[n] = b'0'
+        return n + 1
+    width = 6
+    while frac % 10 == 0:
+        frac //= 10
+        width -= 1
+    _fixed(out + n, frac, width)
+    return n + width
+
+
+cdef bint _count(object value, long long *out):
+    """A non-negative Python int that fits a long long (bool is not one)."""
+    cdef int overflow = 0
+    if type(value) is not int:
+        return False
+    out[0] = PyLong_AsLongLongAndOverflow(value, &overflow)
+    return overflow == 0 and out[0] >= 0
+
+
+cdef class StatementLines:
+    """Makes statement lines; keeps the timestamp text of the current second (events come
+    many per second). Used under the audit sink's chain lock, like the rest of the chain."""
+
+    cdef long long _second
+    cdef char _prefix[PREFIX_LEN]
+    cdef public str digest
+    """The hash of the last line made (the next event's prev)."""
+
+    def __cinit__(self):
+        self._second = -1
+        self.digest = None
+
+    cdef bint _set_second(self, long long second) noexcept:
+        cdef time_t t = <time_t>second
+        cdef tm parts
+        if gmtime_r(&t, &parts) == NULL:
+            return False
+        _fixed(self._prefix, parts.tm_year + 1900, 4)
+        self._prefix[4] = b'-'
+        _fixed(self._prefix + 5, parts.tm_mon + 1, 2)
+        self._prefix[7] = b'-'
+        _fixed(self._prefix + 8, parts.tm_mday, 2)
+        self._prefix[10] = b'T'
+        _fixed(self._prefix + 11, parts.tm_hour, 2)
+        self._prefix[13] = b':'
+        _fixed(self._prefix + 14, parts.tm_min, 2)
+        self._prefix[16] = b':'
+        _fixed(self._prefix + 17, parts.tm_sec, 2)
+        self._prefix[19] = b'.'
+        self._second = second
+        return True
+
+    def line(self, tuple parts, double duration, object rid, str prev, object rows, double ts):
+        """The line of a statement event from its template's six parts (UTF-8) and its
+        values, in the template's order: duration, id, prev, rows, ts. Sets `digest`. None
+        when a value is outside what this writes (audit.py's own code makes that line)."""
+        cdef long long id_ = 0, rows_ = 0, micros, second
+        cdef double dur_f, ts_f
+        cdef Py_ssize_t prev_len, size, n, i
+        cdef Py_ssize_t dur_len, id_len, rows_len
+        cdef char dur_text[32]
+        cdef char id_text[24]
+        cdef char rows_text[24]
+        cdef const char *prev_p
+        cdef char *p
+        cdef object part, out
+        cdef SHA256_CTX ctx
+        cdef unsigned char md[32]
+        if len(parts) != 6 or not _count(rid, &id_) or not _count(rows, &rows_):
+            return None
+        dur_f = rint(duration * 1e6)  # round(): half to even, as audit.py rounds
+        ts_f = rint(ts * 1e6)
+        if not (0.0 <= dur_f < MAX_DURATION_US and 0.0 <= ts_f < MAX_MICROS):
+            return None  # NaN too
+        micros = <long long>ts_f
+        prev_p = PyUnicode_AsUTF8AndSize(prev, &prev_len)
+        if prev_len != 64:
+            return None
+        second = micros // 1000000
+        if second != self._second and not self._set_second(second):
+            return None
+        dur_len = _duration(dur_text, <long long>dur_f)
+        id_len = _digits(id_text, <unsigned long long>id_)
+        rows_len = _digits(rows_text, <unsigned long long>rows_)
+        size = dur_len + id_len + 64 + rows_len + TS_LEN
+        for part in parts:
+            if type(part) is not bytes:
+                return None
+            size += PyBytes_GET_SIZE(part)
+        if PyBytes_GET_SIZE(parts[5]) == 0 or PyBytes_AS_STRING(parts[5])[
+                PyBytes_GET_SIZE(parts[5]) - 1] != b'}':
+            return None
+        # The body (what is hashed) is `size` bytes; the line puts the hash in its place of
+        # the closing brace: ,"hash":"…"}\n
+        out = PyBytes_FromStringAndSize(NULL, size - 1 + HASH_TAIL)
+        p = PyBytes_AS_STRING(out)
+        n = 0
+        for i in range(6):
+            part = parts[i]
+            memcpy(p + n, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part))
+            n += PyBytes_GET_SIZE(part)
+            if i == 0:
+                memcpy(p + n, dur_text, dur_len)
+                n += dur_len
+            elif i == 1:
+                memcpy(p + n, id_text, id_len)
+                n += id_len
+            elif i == 2:
+                memcpy(p + n, prev_p, 64)
+                n += 64
+            elif i == 3:
+                memcpy(p + n, rows_text, rows_len)
+                n += rows_len
+            elif i == 4:
+                memcpy(p + n, self._prefix, PREFIX_LEN)
+                _fixed(p + n + PREFIX_LEN, micros % 1000000, 6)
+                p[n + PREFIX_LEN + 6] = b'Z'
+                n += TS_LEN
+        SHA256_Init(&ctx)
+        SHA256_Update(&ctx, p, <size_t>size)
+        SHA256_Final(md, &ctx)
+        n = size - 1
+        memcpy(p + n, b',"hash":"', 9)
+        n += 9
+        for i in range(32):
+            p[n + 2 * i] = _HEX[md[i] >> 4]
+            p[n + 2 * i + 1] = _HEX[md[i] & 15]
+        self.digest = PyUnicode_DecodeASCII(p + n, 64, NULL)
+        memcpy(p + n + 64, b'"}\n', 3)
+        return out
