@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed
 COMPILED_SOURCES := setup.py pgguard/protocol/framing.py pgguard/protocol/framing.pxd \
 	pgguard/proxy/session.py pgguard/proxy/session.pxd \
 	pgguard/observability/audit.py pgguard/observability/audit.pxd \
-	pgguard/observability/_auditline.pyx
+	pgguard/observability/_auditline.pyx pgguard/observability/tally.py \
+	pgguard/observability/tally.pxd
 
 $(STAMP): pyproject.toml $(COMPILED_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

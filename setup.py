@@ -3,12 +3,12 @@ everything else).
 
 The modules stay plain Python (the reference, what mypy and the tests read); Cython compiles
 them with C types from the .pxd next to each (annotations are not read as C types): the
-framer's scan loop, the session and the audit sink as extension types. One helper exists only
-in C: `_auditline.pyx` writes the usual statement event's line with OpenSSL's SHA-256 (it needs
-OpenSSL's headers, libssl-dev); audit.py has the same code in Python and uses it without the
-helper. Each extension is optional: without a C compiler (or with PGGUARD_PURE_PYTHON=1)
-pgguard installs and runs as pure Python, only slower. `pgguard run` logs which one it runs
-(`proxy.listening`, `compiled`).
+framer's scan loop, the session, the audit sink and the per-statement metrics as extension
+types. One helper exists only in C: `_auditline.pyx` writes the usual statement event's line
+with OpenSSL's SHA-256 (it needs OpenSSL's headers, libssl-dev); audit.py has the same code in
+Python and uses it without the helper. Each extension is optional: without a C compiler (or
+with PGGUARD_PURE_PYTHON=1) pgguard installs and runs as pure Python, only slower.
+`pgguard run` logs which one it runs (`proxy.listening`, `compiled`).
 """
 
 import os
@@ -16,9 +16,10 @@ import os
 from setuptools import setup
 from setuptools.extension import Extension
 
-# The per-message code of the relay and the per-statement audit event (benchmarks/README.md).
+# The per-message code of the relay, the per-statement audit event and metrics
+# (benchmarks/README.md).
 COMPILED = ["pgguard/protocol/framing.py", "pgguard/proxy/session.py",
-            "pgguard/observability/audit.py"]
+            "pgguard/observability/audit.py", "pgguard/observability/tally.py"]
 
 
 def extensions() -> list[Extension]:

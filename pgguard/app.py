@@ -298,15 +298,6 @@ class App:
                                 client_addr=session.client_addr, classification=c,
                                 decision=decision, rule=rule)
 
-        def on_statement_done(session: Session, c: Classification, decision: str,
-                              rule: str | None, seconds: float, rows: int | None,
-                              error: str | None, stepup_event: object | None) -> None:
-            """When the server has answered a forwarded statement (hold time excluded)."""
-            metrics.statement_seconds.observe(seconds)
-            if self.audit is not None:
-                self.audit.emit_statement(session.id, session.user, session.client_addr, c,
-                                          decision, rule, seconds, rows, error, stepup_event)
-
         def on_session(session: Session, started: bool) -> None:
             metrics.client_connections.inc() if started else metrics.client_connections.dec()
             if not started:
@@ -336,7 +327,10 @@ class App:
         ctx.on_upstream_error = on_upstream_error
         ctx.on_statement = on_statement
         ctx.allowed_tally = lambda classes: metrics.statement_tally("allowed", classes)
-        ctx.on_statement_done = on_statement_done
+        # When the server has answered a forwarded statement: called by the session itself,
+        # with no observer function in between (once per statement).
+        ctx.statement_seconds = metrics.statement_seconds
+        ctx.audit_statement = self.audit.emit_statement if self.audit is not None else None
         ctx.on_session = on_session
         self.holds.on_start = on_hold_start
         self.holds.on_end = on_hold_end

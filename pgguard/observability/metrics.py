@@ -22,7 +22,6 @@ each series exists at 0 from the first scrape (rate() and absent() behave, dashb
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import (
@@ -36,9 +35,9 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.utils import floatToGoString
 
 from pgguard.classify import StatementClass
+from pgguard.observability.tally import Tally, TallyHistogram
 
 __all__ = [
     "CLASSIFY_BUCKETS",
@@ -123,43 +122,6 @@ def sensitivity(classes: Iterable[StatementClass]) -> str:
 # prometheus_client takes a lock in every inc()/observe(); the relay counts and times every
 # statement, so those series are plain attributes bumped by the event loop thread (the only
 # thread that touches them) and turned into metric families when /metrics is scraped.
-
-
-class Tally:
-    """A counter child without a lock: for series only the event loop thread updates."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1) -> None:
-        if amount < 0:
-            raise ValueError("counters can only go up")
-        self.value += amount
-
-
-class TallyHistogram:
-    """A histogram without a lock: one bucket count and the sum per observation."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = tuple(sorted(bounds))
-        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-
-    def observe(self, amount: float) -> None:
-        self.counts[bisect_left(self.bounds, amount)] += 1  # le: upper bounds are inclusive
-        self.sum += amount
-
-    def buckets(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        total = 0
-        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            total += n
-            out.append((floatToGoString(bound), total))  # type: ignore[no-untyped-call]
-        return out
 
 
 class _HotSeries:

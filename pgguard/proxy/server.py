@@ -45,6 +45,7 @@ from pgguard.proxy.session import Session
 
 if TYPE_CHECKING:
     from pgguard.observability.metrics import Metrics
+    from pgguard.observability.tally import TallyHistogram
 
 log = structlog.get_logger("pgguard.server")
 
@@ -131,7 +132,12 @@ class ProxyContext:
         # only work for an allowed statement is that count). None: call on_statement.
         self.allowed_tally: Callable[[frozenset[StatementClass]], Any] = lambda classes: None
         self.on_session: Callable[[Session, bool], None] = lambda session, started: None
-        self.on_statement_done: Callable[..., None] = lambda *args: None
+        # When the server has answered a forwarded statement (hold time excluded), set by
+        # app.py: its time goes in this histogram, and this makes its audit event (the sink's
+        # emit_statement: session id, user, client address, classification, decision, rule,
+        # seconds, rows, error, stepup_event). None: not timed, not audited.
+        self.statement_seconds: TallyHistogram | None = None
+        self.audit_statement: Callable[..., None] | None = None
         self.audit_healthy: Callable[[], bool] = lambda: True
         # Set by app.py (pgguard.observability.metrics.Metrics): classification cache hits and
         # misses, and the time of each miss. None: not counted.

@@ -955,10 +955,13 @@ class Session:
 
     def _report_done(self) -> None:
         done, self._done = self._done, []
-        report = self.ctx.on_statement_done
+        histogram, audit = self.ctx.statement_seconds, self.ctx.audit_statement
         for t in done:
-            report(self, t.classification, t.decision, t.rule, t.started, t.rows, t.error,
-                   t.stepup_event)
+            if histogram is not None:
+                histogram.observe(t.started)
+            if audit is not None:
+                audit(self.id, self.user, self.client_addr, t.classification, t.decision,
+                      t.rule, t.started, t.rows, t.error, t.stepup_event)
 
     def _on_server_startup_frame(self, typ: int, buf: bytes, start: int, end: int) -> bytes | None:
         if typ == 0x52:  # Authentication*

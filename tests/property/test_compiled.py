@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pgguard.observability.audit as compiled_audit
+import pgguard.observability.tally as compiled_tally
 import pgguard.protocol.framing as compiled_framing
 import pgguard.proxy.session as session_module
 from pgguard.classify import PiiRules, classify
@@ -52,12 +53,13 @@ def _pure(module: ModuleType) -> ModuleType:
 
 PURE = _pure(compiled_framing)
 PURE_AUDIT = _pure(compiled_audit)
+PURE_TALLY = _pure(compiled_tally)
 
 
 @pytest.fixture(autouse=True)
 def _compiled_build() -> None:
-    missing = [mod.__name__ for mod in (compiled_framing, session_module, compiled_audit)
-               if not _is_compiled(mod)]
+    missing = [mod.__name__ for mod in (compiled_framing, session_module, compiled_audit,
+                                        compiled_tally) if not _is_compiled(mod)]
     if compiled_audit._CStatementLines is None:
         missing.append("pgguard.observability._auditline")
     if missing and os.environ.get("CI"):
@@ -195,3 +197,28 @@ def test_c_statement_line_is_what_audit_py_writes(session: str, user: str, addr:
     if made is not None:
         assert made == want
     assert compiled_audit._CStatementLines().line(parts, float("nan"), 1, prev, 1, ts) is None
+
+
+# -- the per-statement histogram (tally.py compiled with tally.pxd) -----------------------------
+
+_BOUNDS = st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=20)
+_AMOUNTS = st.lists(st.floats(-2e3, 2e3, allow_nan=False)
+                    | st.sampled_from([0.0, 5e-4, 1e-3, 300.0, 600.0]), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_BOUNDS, _AMOUNTS)
+def test_compiled_histogram_counts_what_its_source_counts(bounds: list[float],
+                                                          amounts: list[float]) -> None:
+    """Same buckets and sum, compiled or not; an amount equal to a bound counts in it (le)."""
+    hists = [module.TallyHistogram(bounds) for module in (compiled_tally, PURE_TALLY)]
+    for amount in amounts:
+        for h in hists:
+            h.observe(amount)
+    assert hists[0].counts == hists[1].counts
+    assert hists[0].sum == hists[1].sum
+    assert hists[0].buckets() == hists[1].buckets()
+    edges = sorted(bounds)
+    assert hists[0].counts[:-1] == [
+        sum(1 for a in amounts if a <= b and not any(a <= c for c in edges[:i]))
+        for i, b in enumerate(edges)]
