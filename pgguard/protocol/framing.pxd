@@ -2,9 +2,17 @@
 cimport cython
 
 
+cdef class FrameHandler:
+    cpdef object on_frame(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end)
+
+
+cdef class _Function(FrameHandler):
+    cdef public object function
+
+
 cdef class Framer:
     cdef public bytes _table
-    cdef public object _on_frame
+    cdef public FrameHandler _handler
     cdef public Py_ssize_t _max_len
     cdef public Py_ssize_t _head_bytes
     cdef public bytearray _buf
@@ -18,8 +26,8 @@ cdef class Framer:
 
     @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, flushed=Py_ssize_t, length=Py_ssize_t,
                    end=Py_ssize_t, seen=Py_ssize_t, mode=int, max_len=Py_ssize_t,
-                   table=bytes)
+                   table=bytes, handler=FrameHandler)
     cdef void _scan(self, bytes data, list out) except *
     cpdef list feed(self, data)
-    @cython.locals(pos=Py_ssize_t, i=Py_ssize_t, later=list, buf=bytes)
+    @cython.locals(pos=Py_ssize_t, i=Py_ssize_t, later=list, buf=bytes, handler=FrameHandler)
     cpdef void run_later(self) except *

@@ -23,11 +23,13 @@ What happens to each message type is one table (`FrameTable`, 256 entries):
 framer stops at that message and keeps it, and everything after it, unconsumed until
 `resume()` is called with the verdict (FORWARD or replacement bytes). Later `feed()` calls only
 append to the held backlog (`backlog_size` says how much, so the owner can stop reading).
+
+`on_frame` is a function, or a `FrameHandler` whose `on_frame` method is called: compiled
+(framing.pxd), that is a C call with C integers, which the relay's session uses.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import Final
 
@@ -41,13 +43,12 @@ __all__ = [
     "INVALID",
     "LATER",
     "SKIP",
+    "FrameHandler",
     "FrameTable",
     "Framer",
     "Verdict",
     "frame_table",
 ]
-
-_INT32 = struct.Struct("!i").unpack_from
 
 SKIP: Final = 0
 INSPECT: Final = 1
@@ -71,6 +72,27 @@ FrameTable = bytes  # 256 entries, one mode per type byte
 OnFrame = Callable[[int, bytes, int, int], Verdict]
 
 
+class FrameHandler:
+    """What a Framer calls back, as an object: subclass it and override `on_frame`."""
+
+    __slots__ = ()
+
+    def on_frame(self, typ: int, buf: bytes, start: int, end: int) -> Verdict:
+        raise NotImplementedError
+
+
+class _Function(FrameHandler):
+    """A plain `on_frame` function, as a FrameHandler."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function: OnFrame) -> None:
+        self.function = function
+
+    def on_frame(self, typ: int, buf: bytes, start: int, end: int) -> Verdict:
+        return self.function(typ, buf, start, end)
+
+
 def frame_table(default: int, **modes: str) -> FrameTable:
     """Build a table: `frame_table(SKIP, inspect="QP", head="B")`."""
     unknown = set(modes) - {"skip", "inspect", "head", "invalid", "later"}
@@ -88,6 +110,7 @@ class Framer:
     __slots__ = (
         "_buf",
         "_drop_left",
+        "_handler",
         "_head_bytes",
         "_held",
         "_held_buf",
@@ -95,15 +118,14 @@ class Framer:
         "_later_buf",
         "_max_len",
         "_need",
-        "_on_frame",
         "_stream_left",
         "_table",
     )
 
-    def __init__(self, table: FrameTable, on_frame: OnFrame, *, max_len: int = 0x7FFFFFFF,
-                 head_bytes: int = 4096) -> None:
+    def __init__(self, table: FrameTable, on_frame: OnFrame | FrameHandler, *,
+                 max_len: int = 0x7FFFFFFF, head_bytes: int = 4096) -> None:
         self._table = table
-        self._on_frame = on_frame
+        self._handler = on_frame if isinstance(on_frame, FrameHandler) else _Function(on_frame)
         self._max_len = max_len
         self._head_bytes = head_bytes
         self._buf = bytearray()  # an incomplete message waiting for more bytes
@@ -127,10 +149,10 @@ class Framer:
         later, buf = self._later, self._later_buf
         self._later = []
         self._later_buf = b""
-        on_frame = self._on_frame
+        handler = self._handler
         for i in range(0, len(later), 2):
             pos = later[i]
-            on_frame(buf[pos], buf, pos, later[i + 1])
+            handler.on_frame(buf[pos], buf, pos, later[i + 1])
 
     @property
     def holding(self) -> bool:
@@ -207,19 +229,20 @@ class Framer:
     # `out: list[bytes]`; spelled `list` because Cython compiles this module with framing.pxd,
     # whose C signature a subscripted annotation would not match.
     def _scan(self, data: bytes, out: list) -> None:  # type: ignore[type-arg]
-        # The hot loop of the relay: locals only, one unpack per message, no slicing until a
-        # run of unchanged bytes is written out.
+        # The hot loop of the relay: locals only, no slicing until a run of unchanged bytes is
+        # written out. Compiled (framing.pxd), it touches no Python object but the callbacks.
         if self._later:  # messages of an earlier feed() not called back yet: they come first
             self.run_later()
-        table, on_frame, max_len = self._table, self._on_frame, self._max_len
-        unpack = _INT32
+        table, handler, max_len = self._table, self._handler, self._max_len
         n = len(data)
         pos = 0
         flushed = 0  # data[flushed:pos] is forwarded unchanged, written in one slice
         while pos + 5 <= n:
             mode = table[data[pos]]
             # Int32, signed as PostgreSQL reads it: a negative length is invalid, not "large".
-            length = unpack(data, pos + 1)[0]
+            # (The high byte is made signed first: compiled, no step overflows a C int.)
+            length = (((data[pos + 1] ^ 0x80) - 0x80) * 0x1000000
+                      + (data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]))
             if length < 4 or length > max_len:
                 if length < 4:
                     raise ProtocolError(f"invalid message length {length}")
@@ -249,7 +272,7 @@ class Framer:
                 continue
             if self._later:  # the LATER messages before this one are called back first
                 self.run_later()
-            verdict = on_frame(data[pos], data, pos, seen)
+            verdict = handler.on_frame(data[pos], data, pos, seen)
             if verdict is None:
                 if end > n:  # a HEAD message: stream the rest as it arrives
                     self._stream_left = end - n

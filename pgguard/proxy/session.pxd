@@ -5,7 +5,7 @@
 # A new attribute of Session must be declared here too, or the compiled build fails.
 cimport cython
 
-from pgguard.protocol.framing cimport Framer
+from pgguard.protocol.framing cimport FrameHandler, Framer
 
 
 @cython.locals(first=Py_ssize_t, i=Py_ssize_t, rows=cython.longlong, scale=cython.longlong,
@@ -13,6 +13,17 @@ from pgguard.protocol.framing cimport Framer
 cpdef object _tag_rows(bytes buf, Py_ssize_t start, Py_ssize_t end)
 
 cpdef Py_ssize_t _string_end(bytes buf, Py_ssize_t i, Py_ssize_t end) except? -2
+
+
+cdef class Session
+
+
+cdef class _ClientFrames(FrameHandler):
+    cdef public Session session
+
+
+cdef class _ServerFrames(FrameHandler):
+    cdef public Session session
 
 
 cdef class _Marked:

@@ -37,6 +37,7 @@ from pgguard.protocol.framing import (
     INSPECT,
     INVALID,
     LATER,
+    FrameHandler,
     Framer,
     frame_table,
 )
@@ -155,6 +156,30 @@ class _ParseEntry:
     def __init__(self, kind: int, name: bytes) -> None:
         self.kind = kind
         self.name = name
+
+
+class _ClientFrames(FrameHandler):
+    """The client's messages, to the session (compiled: a C call with C integers)."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def on_frame(self, typ: int, buf: bytes, start: int, end: int) -> FrameVerdict:
+        return self.session._on_client_frame(typ, buf, start, end)
+
+
+class _ServerFrames(FrameHandler):
+    """The server's messages, to the session."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def on_frame(self, typ: int, buf: bytes, start: int, end: int) -> FrameVerdict:
+        return self.session._on_server_frame(typ, buf, start, end)
 
 
 def _tag_rows(buf: bytes, start: int, end: int) -> int | None:
@@ -283,9 +308,9 @@ class Session:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shutting_down = False
         self._startup_timer: asyncio.TimerHandle | None = None
-        self._cframer = Framer(CLIENT_TABLE, self._on_client_frame,
+        self._cframer = Framer(CLIENT_TABLE, _ClientFrames(self),
                                max_len=ctx.config.limits.max_message_bytes)
-        self._sframer = Framer(SERVER_TABLE, self._on_server_frame)
+        self._sframer = Framer(SERVER_TABLE, _ServerFrames(self))
 
     # -- lifecycle ----------------------------------------------------------------------------
 

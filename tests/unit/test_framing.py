@@ -19,6 +19,7 @@ from pgguard.protocol.framing import (
     INSPECT,
     INVALID,
     SKIP,
+    FrameHandler,
     Framer,
     Verdict,
     frame_table,
@@ -261,6 +262,25 @@ def test_replacement_replaces_exactly_one_message() -> None:
         assert [c[0] for c in calls] == ["Q", "Q", "S"]
     out, _, _ = run([data], decide=_replace_query(poison))
     assert out == [before, poison, after]
+
+
+def test_a_frame_handler_object_is_called_as_a_function_is() -> None:
+    """The session passes FrameHandler objects (a C call when compiled): the same callbacks,
+    and its verdicts count as a function's do."""
+    class Poison(FrameHandler):
+        def __init__(self) -> None:
+            self.calls: list[tuple[int, bytes]] = []
+
+        def on_frame(self, typ: int, buf: bytes, start: int, end: int) -> Verdict:
+            self.calls.append((typ, bytes(buf[start:end])))
+            return m.query("POISON") if b"DROP" in buf[start:end] else FORWARD
+
+    data = m.query("SELECT 1") + m.query("DROP TABLE t") + m.sync()
+    handler = Poison()
+    framer = Framer(frame_table(INSPECT), handler)
+    assert b"".join(framer.feed(data)) == m.query("SELECT 1") + m.query("POISON") + m.sync()
+    assert handler.calls == [(ord("Q"), m.query("SELECT 1")), (ord("Q"), m.query("DROP TABLE t")),
+                             (ord("S"), m.sync())]
 
 
 def test_replacement_may_be_empty() -> None:
