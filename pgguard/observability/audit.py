@@ -428,7 +428,10 @@ def _statement_fields(fields: dict[str, Any], include_literals: bool,
         fields["sql"] = sql
 
 
-_FAST_STATEMENT = object()  # the queue's event slot for emit_statement() tuples
+# The queue's event slot for emit_statement() lines. They keep nothing but the line (no
+# arguments: thousands of events wait for the writer, and the garbage collector would walk
+# them all): a rare re-chain reads the event back from the line (_rechain_line).
+_FAST_STATEMENT = object()
 
 
 class _Templates:
@@ -714,7 +717,7 @@ class AuditSink:
                 self._say_gap()
             prev = self._last_hash
             self._pending.append((self._chain_statement(ts, args), prev, ts, _FAST_STATEMENT,
-                                  args))
+                                  None))
             if self._idle:
                 self._wake()
         finally:
@@ -848,20 +851,42 @@ class AuditSink:
         """The file does not end where the batch's chain starts (another process appended, or
         the file was replaced): chain the batch again from the file's last event, with every
         event emitted since (taken from `_pending`, so the emitters continue from the new
-        head), under the chain lock. Rare; EventRef ids are re-assigned in order, so events
-        that point at a re-chained one get its new id."""
+        head), under the chain lock. Rare; ids are re-assigned in order (EventRefs follow),
+        and a statement that points at a re-chained event gets its new id."""
         with self._chain_lock:
             batch += self._pending
             self._pending = []
             self._last_id, self._last_hash = self._file_id, self._file_hash
-            for i, (_, _, ts, event, fields) in enumerate(batch):
+            renumbered: dict[int, int] = {}  # old id -> new id of the events re-chained
+            for i, (old, _, ts, event, fields) in enumerate(batch):
                 prev = self._last_hash
                 if event is _FAST_STATEMENT:
-                    line = self._chain_statement(ts, fields)
+                    line = self._rechain_line(old, renumbered)
                 else:
                     line = self._chain(ts, event, dict(fields))
+                    renumbered[json.loads(old)["id"]] = self._last_id
                 batch[i] = (line, prev, ts, event, fields)
             self._held = len(batch)
+
+    def _rechain_line(self, line: bytes, renumbered: dict[int, int]) -> bytes:
+        """A statement event's line chained again (`_rebase`): the event read back from its
+        line, with the next id and prev, and its stepup_event's new id if that event was
+        re-chained too. The canonical JSON of the line read back is its own text, so this is
+        the line `_chain_statement` would make for the same event now."""
+        record = json.loads(line)
+        del record["hash"]
+        stepup = record.get("stepup_event")
+        if type(stepup) is int and stepup in renumbered:
+            record["stepup_event"] = renumbered[stepup]
+        rid = self._last_id + 1
+        renumbered[record["id"]] = rid
+        record["id"] = rid
+        record["prev"] = self._last_hash
+        body = canonical_json(record)
+        digest = hashlib.sha256(body).hexdigest()
+        self._last_id = rid
+        self._last_hash = digest
+        return body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
 
     def _chain(self, ts: float, event: str, fields: dict[str, Any]) -> bytes:
         """One line of the trail. The canonical JSON of the event without `hash` is both what

@@ -402,6 +402,30 @@ def test_emit_statement_writes_what_emit_writes(session, user, addr, ci, decisio
     assert (fast.last_id, fast.last_hash) == (general.last_id, general.last_hash)
 
 
+@settings(max_examples=200, deadline=None)
+@given(events=st.lists(st.tuples(
+           st.text(max_size=14), st.integers(0, len(_FAST_SQL) - 1),
+           st.sampled_from(["allowed", "released"]), st.none() | st.text(max_size=8),
+           st.floats(0, 1e4, allow_nan=False), st.none() | st.integers(0, 1 << 62),
+           st.none() | st.text(max_size=6), st.floats(0, 4e9, allow_nan=False)),
+           min_size=1, max_size=5),
+       head=st.integers(0, 1 << 40), head_hash=st.text("0123456789abcdef", min_size=64,
+                                                       max_size=64))
+def test_a_rechained_statement_line_is_the_line_chained_there(events, head, head_hash) -> None:
+    """_rebase reads a waiting statement back from its line: chained again after another head,
+    it is byte for byte the line chained after that head in the first place."""
+    first, there = (AuditSink(AuditConfig(path=None)) for _ in range(2))
+    there._last_id, there._last_hash = head, head_hash
+    for session, ci, decision, rule, duration, rows, error, ts in events:
+        args = (session, "alice", "10.0.0.7", _FAST_CLASSIFICATIONS[ci], decision, rule, duration,
+                rows, error, None)
+        line = first._chain_statement(ts, args)  # after first's head (GENESIS, then its own)
+        want = there._chain_statement(ts, args)  # after the other head
+        rebased = AuditSink(AuditConfig(path=None))
+        rebased._last_id, rebased._last_hash = there._last_id - 1, json.loads(want)["prev"]
+        assert rebased._rechain_line(line, {}) == want
+
+
 def test_emit_statement_through_the_writer(tmp_path: Path) -> None:
     """Interleaved with other events, through the real writer thread; the file verifies and
     a stepup.success reference resolves to its id."""
@@ -443,6 +467,8 @@ def test_foreign_append_while_events_wait_rechains_them(tmp_path: Path) -> None:
             ref = s.emit(A.STEPUP_SUCCESS, session="abcdefghijkl", user="alice")
             s.emit_statement("abcdefghijkl", "alice", "x", _FAST_CLASSIFICATIONS[1], "released",
                              "oncall", 0.5, rows=3, stepup_event=ref)
+            s.emit_statement("abcdefghijkl", "alice", "x", _FAST_CLASSIFICATIONS[0], "allowed",
+                             "oncall", 1.2e-05, rows=7)  # the usual line (made in C if built)
             assert ref.id == 2  # chained at emit time, after the session.start
             last = events(path)[-1]
             foreign = {"id": last["id"] + 1, "ts": "2026-01-01T00:00:00.000000Z",
@@ -458,7 +484,8 @@ def test_foreign_append_while_events_wait_rechains_them(tmp_path: Path) -> None:
         s.close_sync()
     evs = events(path)
     assert [e["event"] for e in evs] == ["session.start", "enroll", "stepup.success",
-                                         "statement", "session.end"]
-    assert [e["id"] for e in evs] == [1, 2, 3, 4, 5]
+                                         "statement", "statement", "session.end"]
+    assert [e["id"] for e in evs] == [1, 2, 3, 4, 5, 6]
     assert ref.id == 3 and evs[3]["stepup_event"] == 3 and evs[3]["rows"] == 3
+    assert evs[4]["rows"] == 7 and evs[4]["duration"] == 1.2e-05 and evs[4]["prev"] == evs[3]["hash"]
     assert verify_files([path]).ok
