@@ -14,6 +14,9 @@ cpdef object _tag_rows(bytes buf, Py_ssize_t start, Py_ssize_t end)
 
 cpdef Py_ssize_t _string_end(bytes buf, Py_ssize_t i, Py_ssize_t end) except? -2
 
+@cython.locals(t=_Tracked)
+cpdef _Tracked _track(int kind, object c, object decision, object rule, object stepup_event)
+
 
 cdef class Session
 
@@ -97,9 +100,10 @@ cdef class Session:
     @cython.locals(nul=Py_ssize_t, nul2=Py_ssize_t, running=set)
     cpdef object _on_client_frame(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end)
     cpdef object _decide(self, int kind, object c, object text, object portal=*)
+    @cython.locals(t=_Tracked)
     cpdef void _forwarded(self, int kind, object c, str decision, object rule,
                           object stepup_event, object text, object portal) except *
-    @cython.locals(hk=int)
+    @cython.locals(hk=int, t=_Tracked)
     cpdef object _on_server_frame(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end)
     cpdef void _finished(self, _Tracked t) except *
     @cython.locals(t=_Tracked)

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from pgguard.proxy.server import ProxyContext
 
 log = structlog.get_logger("pgguard.session")
+_monotonic = time.monotonic  # per statement: one global, not a module attribute
 
 __all__ = ["Session", "fatal_shutdown", "new_session_id"]
 
@@ -135,17 +136,32 @@ class _Tracked:
     __slots__ = ("classification", "decision", "error", "kind", "resets_encoding", "rows",
                  "rule", "started", "stepup_event")
 
-    def __init__(self, kind: int, classification: Classification, decision: str,
-                 rule: str | None, stepup_event: object | None) -> None:
-        self.kind = kind
-        self.classification = classification
-        self.decision = decision  # allowed | released
-        self.rule = rule
-        self.stepup_event = stepup_event
-        self.started = time.monotonic()  # then: its duration, once done
-        self.rows: int | None = None
-        self.error: str | None = None  # SQLSTATE of the server's error, if any
-        self.resets_encoding = False  # a SET that may change client_encoding / scs
+    kind: int
+    classification: Classification
+    decision: str  # allowed | released
+    rule: str | None
+    stepup_event: object | None
+    started: float  # time.monotonic() when forwarded; then its duration, once done
+    rows: int | None
+    error: str | None  # SQLSTATE of the server's error, if any
+    resets_encoding: bool  # a SET that may change client_encoding / scs
+
+
+def _track(kind: int, c: Classification, decision: str, rule: str | None,
+           stepup_event: object | None) -> _Tracked:
+    """A new _Tracked, started now. (Made with __new__ and set field by field: compiled, that
+    is a few C stores, where calling the class would parse its arguments.)"""
+    t = _Tracked.__new__(_Tracked)
+    t.kind = kind
+    t.classification = c
+    t.decision = decision
+    t.rule = rule
+    t.stepup_event = stepup_event
+    t.started = _monotonic()
+    t.rows = None
+    t.error = None
+    t.resets_encoding = False
+    return t
 
 
 class _ParseEntry:
@@ -697,7 +713,7 @@ class Session:
                    stepup_event: object | None, text: str | None,
                    portal: bytes | None) -> None:
         """Bookkeeping for a decided message that goes to the server as it is."""
-        t = _Tracked(kind, c, decision, rule, stepup_event)
+        t = _track(kind, c, decision, rule, stepup_event)
         if portal is not None:
             self._running.add(portal)
         if c.session_changes:
@@ -920,9 +936,10 @@ class Session:
                 self._finished(head)  # type: ignore[arg-type]
         elif typ == 0x43 or typ == 0x49:  # CommandComplete, EmptyQueryResponse
             if type(head) is _Tracked and typ == 0x43:
+                t = head  # typed (session.pxd): its fields are C fields
                 rows = _tag_rows(buf, start, end)
                 if rows is not None:
-                    head.rows = rows + (head.rows or 0)
+                    t.rows = rows + (t.rows or 0)
             if hk == K_EXEC:
                 fifo.popleft()
                 if type(head) is _Tracked:
@@ -975,7 +992,7 @@ class Session:
         that bookkeeping is not in the client's round trip."""
         if t.resets_encoding:
             self._settle_at_z = True  # the server reports changed settings just before Z
-        t.started = time.monotonic() - t.started
+        t.started = _monotonic() - t.started
         self._done.append(t)
 
     def _report_done(self) -> None:
