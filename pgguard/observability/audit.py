@@ -882,11 +882,7 @@ class AuditSink:
         renumbered[record["id"]] = rid
         record["id"] = rid
         record["prev"] = self._last_hash
-        body = canonical_json(record)
-        digest = hashlib.sha256(body).hexdigest()
-        self._last_id = rid
-        self._last_hash = digest
-        return body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+        return self._seal(rid, record)
 
     def _chain(self, ts: float, event: str, fields: dict[str, Any]) -> bytes:
         """One line of the trail. The canonical JSON of the event without `hash` is both what
@@ -902,6 +898,10 @@ class AuditSink:
             if k not in _RESERVED:
                 record[k] = v if type(v) in _PLAIN else _jsonable(v)
         record["prev"] = self._last_hash
+        return self._seal(rid, record)
+
+    def _seal(self, rid: int, record: dict[str, Any]) -> bytes:
+        """The line of `record` (id `rid`, prev the chain's head), which becomes the head."""
         body = canonical_json(record)
         digest = hashlib.sha256(body).hexdigest()
         self._last_id = rid

@@ -21,12 +21,9 @@ cpdef _Tracked _track(int kind, object c, object decision, object rule, object s
 cdef class Session
 
 
-cdef class _ClientFrames(FrameHandler):
+cdef class _Frames(FrameHandler):
     cdef public Session session
-
-
-cdef class _ServerFrames(FrameHandler):
-    cdef public Session session
+    cdef public bint server
 
 
 cdef class _Marked:

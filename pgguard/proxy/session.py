@@ -174,28 +174,19 @@ class _ParseEntry:
         self.name = name
 
 
-class _ClientFrames(FrameHandler):
-    """The client's messages, to the session (compiled: a C call with C integers)."""
+class _Frames(FrameHandler):
+    """One side's messages, to the session (compiled: a C call with C integers)."""
 
-    __slots__ = ("session",)
+    __slots__ = ("server", "session")
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, server: bool) -> None:
         self.session = session
+        self.server = server
 
     def on_frame(self, typ: int, buf: bytes, start: int, end: int) -> FrameVerdict:
+        if self.server:
+            return self.session._on_server_frame(typ, buf, start, end)
         return self.session._on_client_frame(typ, buf, start, end)
-
-
-class _ServerFrames(FrameHandler):
-    """The server's messages, to the session."""
-
-    __slots__ = ("session",)
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def on_frame(self, typ: int, buf: bytes, start: int, end: int) -> FrameVerdict:
-        return self.session._on_server_frame(typ, buf, start, end)
 
 
 def _tag_rows(buf: bytes, start: int, end: int) -> int | None:
@@ -324,9 +315,9 @@ class Session:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shutting_down = False
         self._startup_timer: asyncio.TimerHandle | None = None
-        self._cframer = Framer(CLIENT_TABLE, _ClientFrames(self),
+        self._cframer = Framer(CLIENT_TABLE, _Frames(self, server=False),
                                max_len=ctx.config.limits.max_message_bytes)
-        self._sframer = Framer(SERVER_TABLE, _ServerFrames(self))
+        self._sframer = Framer(SERVER_TABLE, _Frames(self, server=True))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
