@@ -63,7 +63,8 @@ def _compiled_build() -> None:
     if compiled_audit._CStatementLines is None:
         missing.append("pgguard.observability._auditline")
     if missing and os.environ.get("CI"):
-        pytest.fail(f"not compiled: {', '.join(missing)} (setup.py needs Cython and a C compiler)")
+        pytest.fail(f"not compiled: {', '.join(missing)} (setup.py needs Cython, a C compiler "
+                    "and, for the audit line, OpenSSL's headers)")
     if missing:
         pytest.skip(f"pure Python install: {', '.join(missing)} not compiled")
 
