@@ -5,3 +5,6 @@ class StatementLines:
 
     def line(self, parts: tuple[bytes, ...], duration: float, rid: int, prev: str, rows: int,
              ts: float) -> bytes | None: ...
+
+    def block(self, events: list[tuple[tuple[bytes, ...], float, int, float]], start: int,
+              rid: int, prev: str) -> tuple[bytes, int]: ...

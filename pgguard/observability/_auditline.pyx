@@ -15,6 +15,7 @@ them audit.py runs as it is, only slower.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeASCII
 from libc.math cimport rint
 from libc.string cimport memcpy
@@ -40,11 +41,12 @@ cdef enum:
 
 cdef double MAX_MICROS = 253402300800000000.0  # 10000-01-01T00:00:00Z: four-digit years only
 cdef double MAX_DURATION_US = 1e15  # below this, repr() of the duration is what _duration writes
+cdef long long MAX_ID = 9223372036854775807  # the largest id line() takes (a long long)
 
 cdef const char *_HEX = b"0123456789abcdef"
 
 
-cdef inline Py_ssize_t _digits(char *out, unsigned long long v) noexcept:
+cdef inline Py_ssize_t _digits(char *out, unsigned long long v) noexcept nogil:
     """Decimal digits of v at out; their number."""
     cdef char tmp[20]
     cdef Py_ssize_t n = 0, i
@@ -59,7 +61,16 @@ cdef inline Py_ssize_t _digits(char *out, unsigned long long v) noexcept:
     return n
 
 
-cdef inline void _fixed(char *out, long long v, int width) noexcept:
+cdef inline Py_ssize_t _digits_len(unsigned long long v) noexcept nogil:
+    """How many decimal digits v has."""
+    cdef Py_ssize_t n = 1
+    while v >= 10:
+        v //= 10
+        n += 1
+    return n
+
+
+cdef inline void _fixed(char *out, long long v, int width) noexcept nogil:
     """v as exactly `width` digits, zero-padded."""
     cdef int i
     for i in range(width - 1, -1, -1):
@@ -67,7 +78,7 @@ cdef inline void _fixed(char *out, long long v, int width) noexcept:
         v //= 10
 
 
-cdef Py_ssize_t _duration(char *out, long long us) noexcept:
+cdef Py_ssize_t _duration(char *out, long long us) noexcept nogil:
     """repr(us / 1e6), the JSON of a statement's duration, for 0 <= us < 1e15: the decimal
     us·10⁻⁶ without trailing zeros (it is the shortest text of that float), in exponent form
     below 1e-4 as repr writes it (1.2e-05, 5e-06)."""
@@ -116,6 +127,47 @@ cdef bint _count(object value, long long *out):
     return overflow == 0 and out[0] >= 0
 
 
+cdef struct _Values:
+    # One statement event's parts (pointers into the template's bytes, which the caller keeps
+    # alive) and its values as C numbers and text.
+    const char *parts[6]
+    Py_ssize_t sizes[6]
+    char dur_text[32]
+    Py_ssize_t dur_len
+    long long id
+    long long rows
+    long long micros
+    Py_ssize_t size  # the line's length
+
+
+cdef bint _values(_Values *v, object parts, double duration, object rows, double ts):
+    """Fill `v` from one event's template parts and values, except its id; False when a value
+    is outside what this writes (audit.py's own code makes that line)."""
+    cdef double dur_f, ts_f
+    cdef Py_ssize_t i, size
+    cdef object part
+    if type(parts) is not tuple or len(parts) != 6 or not _count(rows, &v.rows):
+        return False
+    dur_f = rint(duration * 1e6)  # round(): half to even, as audit.py rounds
+    ts_f = rint(ts * 1e6)
+    if not (0.0 <= dur_f < MAX_DURATION_US and 0.0 <= ts_f < MAX_MICROS):
+        return False  # NaN too
+    v.micros = <long long>ts_f
+    v.dur_len = _duration(v.dur_text, <long long>dur_f)
+    size = 0
+    for i in range(6):
+        part = (<tuple>parts)[i]
+        if type(part) is not bytes:
+            return False
+        v.parts[i] = PyBytes_AS_STRING(part)
+        v.sizes[i] = PyBytes_GET_SIZE(part)
+        size += v.sizes[i]
+    if v.sizes[5] == 0 or v.parts[5][v.sizes[5] - 1] != b'}':
+        return False
+    v.size = size + v.dur_len + 64 + TS_LEN  # without the id's and the rows' digits
+    return True
+
+
 cdef class StatementLines:
     """Makes statement lines; keeps the timestamp text of the current second (events come
     many per second). Used under the audit sink's chain lock, like the rest of the chain."""
@@ -129,7 +181,7 @@ cdef class StatementLines:
         self._second = -1
         self.digest = None
 
-    cdef bint _set_second(self, long long second) noexcept:
+    cdef bint _set_second(self, long long second) noexcept nogil:
         cdef time_t t = <time_t>second
         cdef tm parts
         if gmtime_r(&t, &parts) == NULL:
@@ -149,81 +201,120 @@ cdef class StatementLines:
         self._second = second
         return True
 
-    def line(self, tuple parts, double duration, object rid, str prev, object rows, double ts):
-        """The line of a statement event from its template's six parts (UTF-8) and its
-        values, in the template's order: duration, id, prev, rows, ts. Sets `digest`. None
-        when a value is outside what this writes (audit.py's own code makes that line)."""
-        cdef long long id_ = 0, rows_ = 0, micros, second
-        cdef double dur_f, ts_f
-        cdef Py_ssize_t prev_len, size, n, i
-        cdef Py_ssize_t dur_len, id_len, rows_len
-        cdef char dur_text[32]
-        cdef char id_text[24]
-        cdef char rows_text[24]
-        cdef const char *prev_p
-        cdef char *p
-        cdef object part, out
+    cdef Py_ssize_t _write(self, char *p, _Values *v, const char *prev) noexcept nogil:
+        """The line of `v` at `p` (v.size - 1 + HASH_TAIL bytes, id and rows included), its
+        prev from `prev` (64 hex digits); -1 if its time cannot be written."""
+        cdef Py_ssize_t n = 0, i
+        cdef long long second = v.micros // 1000000
         cdef SHA256_CTX ctx
         cdef unsigned char md[32]
-        if len(parts) != 6 or not _count(rid, &id_) or not _count(rows, &rows_):
-            return None
-        dur_f = rint(duration * 1e6)  # round(): half to even, as audit.py rounds
-        ts_f = rint(ts * 1e6)
-        if not (0.0 <= dur_f < MAX_DURATION_US and 0.0 <= ts_f < MAX_MICROS):
-            return None  # NaN too
-        micros = <long long>ts_f
-        prev_p = PyUnicode_AsUTF8AndSize(prev, &prev_len)
-        if prev_len != 64:
-            return None
-        second = micros // 1000000
         if second != self._second and not self._set_second(second):
-            return None
-        dur_len = _duration(dur_text, <long long>dur_f)
-        id_len = _digits(id_text, <unsigned long long>id_)
-        rows_len = _digits(rows_text, <unsigned long long>rows_)
-        size = dur_len + id_len + 64 + rows_len + TS_LEN
-        for part in parts:
-            if type(part) is not bytes:
-                return None
-            size += PyBytes_GET_SIZE(part)
-        if PyBytes_GET_SIZE(parts[5]) == 0 or PyBytes_AS_STRING(parts[5])[
-                PyBytes_GET_SIZE(parts[5]) - 1] != b'}':
-            return None
-        # The body (what is hashed) is `size` bytes; the line puts the hash in its place of
-        # the closing brace: ,"hash":"…"}\n
-        out = PyBytes_FromStringAndSize(NULL, size - 1 + HASH_TAIL)
-        p = PyBytes_AS_STRING(out)
-        n = 0
+            return -1
         for i in range(6):
-            part = parts[i]
-            memcpy(p + n, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part))
-            n += PyBytes_GET_SIZE(part)
+            memcpy(p + n, v.parts[i], v.sizes[i])
+            n += v.sizes[i]
             if i == 0:
-                memcpy(p + n, dur_text, dur_len)
-                n += dur_len
+                memcpy(p + n, v.dur_text, v.dur_len)
+                n += v.dur_len
             elif i == 1:
-                memcpy(p + n, id_text, id_len)
-                n += id_len
+                n += _digits(p + n, <unsigned long long>v.id)
             elif i == 2:
-                memcpy(p + n, prev_p, 64)
+                memcpy(p + n, prev, 64)
                 n += 64
             elif i == 3:
-                memcpy(p + n, rows_text, rows_len)
-                n += rows_len
+                n += _digits(p + n, <unsigned long long>v.rows)
             elif i == 4:
                 memcpy(p + n, self._prefix, PREFIX_LEN)
-                _fixed(p + n + PREFIX_LEN, micros % 1000000, 6)
+                _fixed(p + n + PREFIX_LEN, v.micros % 1000000, 6)
                 p[n + PREFIX_LEN + 6] = b'Z'
                 n += TS_LEN
+        # The body (what is hashed) is n bytes; the line puts the hash in the place of its
+        # closing brace: ,"hash":"…"}\n
         SHA256_Init(&ctx)
-        SHA256_Update(&ctx, p, <size_t>size)
+        SHA256_Update(&ctx, p, <size_t>n)
         SHA256_Final(md, &ctx)
-        n = size - 1
+        n -= 1
         memcpy(p + n, b',"hash":"', 9)
         n += 9
         for i in range(32):
             p[n + 2 * i] = _HEX[md[i] >> 4]
             p[n + 2 * i + 1] = _HEX[md[i] & 15]
-        self.digest = PyUnicode_DecodeASCII(p + n, 64, NULL)
         memcpy(p + n + 64, b'"}\n', 3)
+        return n + 67
+
+    def line(self, tuple parts, double duration, object rid, str prev, object rows, double ts):
+        """The line of a statement event from its template's six parts (UTF-8) and its
+        values, in the template's order: duration, id, prev, rows, ts. Sets `digest`. None
+        when a value is outside what this writes (audit.py's own code makes that line)."""
+        cdef _Values v
+        cdef Py_ssize_t prev_len, n
+        cdef const char *prev_p
+        cdef object out
+        if not _values(&v, parts, duration, rows, ts) or not _count(rid, &v.id):
+            return None
+        prev_p = PyUnicode_AsUTF8AndSize(prev, &prev_len)
+        if prev_len != 64:
+            return None
+        n = v.size - 1 + HASH_TAIL + _digits_len(v.id) + _digits_len(v.rows)
+        out = PyBytes_FromStringAndSize(NULL, n)
+        if self._write(PyBytes_AS_STRING(out), &v, prev_p) != n:
+            return None
+        self.digest = PyUnicode_DecodeASCII(PyBytes_AS_STRING(out) + n - 67, 64, NULL)
         return out
+
+    def block(self, list events, Py_ssize_t start, object rid, str prev):
+        """The lines of events[start:], each a tuple (parts, duration, rows, ts) as line()
+        takes them, chained from id `rid` and `prev`, up to the first event line() would
+        refuse: (their lines as one bytes, how many). Sets `digest` when there are any. The
+        lines are written and hashed without the GIL: the audit writer thread calls this
+        while the event loop goes on."""
+        cdef long long first = 0
+        cdef Py_ssize_t count = 0, total = 0, n, i, j, prev_len
+        cdef _Values *vs
+        cdef const char *prev_p
+        cdef char *p
+        cdef object event, out
+        if not _count(rid, &first) or start < 0:
+            return b"", 0
+        prev_p = PyUnicode_AsUTF8AndSize(prev, &prev_len)
+        if prev_len != 64 or start >= len(events):
+            return b"", 0
+        n = len(events) - start
+        vs = <_Values *>PyMem_Malloc(n * sizeof(_Values))
+        if vs == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                event = events[start + i]
+                if (type(event) is not tuple or len(<tuple>event) != 4
+                        or type((<tuple>event)[1]) is not float
+                        or type((<tuple>event)[3]) is not float
+                        or not _values(&vs[i], (<tuple>event)[0], (<tuple>event)[1],
+                                       (<tuple>event)[2], (<tuple>event)[3])
+                        or i > MAX_ID - first):
+                    break
+                vs[i].id = first + i
+                vs[i].size += HASH_TAIL - 1 + _digits_len(vs[i].id) + _digits_len(vs[i].rows)
+                total += vs[i].size
+                count += 1
+            if count == 0:
+                return b"", 0
+            out = PyBytes_FromStringAndSize(NULL, total)
+            p = PyBytes_AS_STRING(out)
+            j = 0
+            with nogil:
+                for i in range(count):
+                    n = self._write(p, &vs[i], prev_p)
+                    if n != vs[i].size:
+                        break
+                    prev_p = p + n - 67  # this line's hash is the next one's prev
+                    p += n
+                    j += 1
+            if j == 0:
+                return b"", 0
+            if j < count:  # a time gmtime() cannot write: the lines before it
+                out = out[:p - PyBytes_AS_STRING(out)]
+            self.digest = PyUnicode_DecodeASCII(p - 67, 64, NULL)
+            return out, j
+        finally:
+            PyMem_Free(vs)

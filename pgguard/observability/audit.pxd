@@ -32,6 +32,8 @@ cdef class AuditSink:
     cdef public object _file_id
     cdef public str _file_hash
     cdef public list _pending
+    cdef public object _defer_lock
+    cdef public list _deferred
     cdef public bint _idle
     cdef public bint _healthy
     cdef public Py_ssize_t _errors
@@ -53,12 +55,13 @@ cdef class AuditSink:
     cdef public object last_error
     cdef public object _max_pending
 
+    @cython.locals(parts=tuple, hit=tuple)
     cpdef void emit_statement(self, object session, object user, object client_addr,
                               object classification, object decision, object rule,
                               object duration, object rows=*, object error=*,
                               object stepup_event=*) except *
     @cython.locals(parts=tuple, hit=tuple, has_rows=bint, has_error=bint, has_stepup=bint,
-                   usual=bint, body=bytes, digest=str)
+                   body=bytes)
     cpdef bytes _chain_statement(self, object ts, tuple args)
     @cython.locals(micros=cython.longlong, sec=cython.longlong, us=cython.longlong)
     cpdef str _format_ts(self, object ts)

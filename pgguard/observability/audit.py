@@ -24,13 +24,15 @@ How the hot path uses it:
     if not sink.healthy: refuse sensitive statements (58000, DESIGN §3)
     await sink.close()
 
-`emit()` chains the event where it is called (id, prev, hash: a few µs, no I/O; statement
-events from a cached template) and queues the line; one writer thread drains the queue in
-batches, writes, fsyncs (`every` batch, or at most every `fsync_interval` seconds) and
-rotates. Chaining in the caller's thread keeps the writer from competing with the event loop
-for the GIL; when the file does not end where the queued chain starts (another process such
-as `pgguard enroll` appended, or the file was replaced), the writer chains the waiting events
-again from the file's last event. A write error marks the sink unhealthy, counts the error
+`emit()` chains the event where it is called (id, prev, hash: a few µs, no I/O) and queues
+the line; one writer thread drains the queue in batches, writes, fsyncs (`every` batch, or at
+most every `fsync_interval` seconds) and rotates. The usual statement event (one per
+statement: rows, no error, no step-up) is only noted by `emit_statement()` (its template and
+values); the writer thread chains the noted events in batches, in C with the GIL released
+(`_auditline.block`), while the event loop goes on, and any other event chains them first,
+so the chain keeps the order of emission. When the file does not end where the queued chain
+starts (another process such as `pgguard enroll` appended, or the file was replaced), the
+writer chains the waiting events again from the file's last event. A write error marks the sink unhealthy, counts the error
 (`on_error`: the `pgguard_audit_errors_total` counter), keeps the batch, and retries; the sink
 is healthy again once a write succeeds.
 """
@@ -432,6 +434,14 @@ def _statement_fields(fields: dict[str, Any], include_literals: bool,
 # arguments: thousands of events wait for the writer, and the garbage collector would walk
 # them all): a rare re-chain reads the event back from the line (_rechain_line).
 _FAST_STATEMENT = object()
+# The slot for a block of deferred statement events chained together (_drain): the lines
+# joined, and the count in place of the fields.
+_FAST_BLOCK = object()
+
+
+def _events(batch: list[tuple[bytes, str, float, Any, Any]]) -> int:
+    """How many events a batch of queued entries holds."""
+    return sum(e[4] if e[3] is _FAST_BLOCK else 1 for e in batch)
 
 
 class _Templates:
@@ -541,8 +551,8 @@ class AuditSink:
         self._held = 0             # events the writer holds (retrying), not in the queue
         self._dropped_total = 0    # events refused because the backlog was full
         self._dropped_chained = 0  # ... of which an audit.gap event has told the record
-        # The chain is made where events are emitted, under this lock: `_last_id`/`_last_hash`
-        # are the newest event chained. `_file_id`/`_file_hash` are the last event in the file
+        # The chain is made under this lock: `_last_id`/`_last_hash` are the newest event
+        # chained. `_file_id`/`_file_hash` are the last event in the file
         # as the writer thread knows it; when another process appended (or the file changed
         # under us), the writer chains the waiting events again from there (`_rebase`).
         self._chain_lock = threading.Lock()
@@ -551,6 +561,11 @@ class AuditSink:
         # Chained lines for the writer, appended under the chain lock (the queue carries only
         # flush barriers and the stop).
         self._pending: list[tuple[bytes, str, float, Any, Any]] = []
+        # Usual statement events not chained yet: (template parts, duration, rows, ts), in
+        # order, under `_defer_lock` (taken inside the chain lock, never around it), which
+        # also guards `_idle`. Chaining them (`_drain`) comes before any other event's.
+        self._defer_lock = threading.Lock()
+        self._deferred: list[tuple[tuple[bytes, ...], float, int, float]] = []
         # The writer found nothing last time and waits for a _WAKE (the next emitter sends
         # one): prompt writes when events are few, no wake-ups when they are many.
         self._idle = False
@@ -592,12 +607,16 @@ class AuditSink:
 
     @property
     def last_hash(self) -> str:
-        """The hash of the last event chained (GENESIS before the first)."""
-        return self._last_hash
+        """The hash of the last event emitted (GENESIS before the first)."""
+        with self._chain_lock:
+            self._drain()
+            return self._last_hash
 
     @property
     def last_id(self) -> int:
-        return self._last_id
+        with self._chain_lock:
+            self._drain()
+            return self._last_id
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -686,12 +705,12 @@ class AuditSink:
         fields["_ref"] = ref
         ts = self._clock()
         with self._chain_lock:
+            self._drain()
             self._say_gap()
             prev = self._last_hash
             line = self._chain(ts, event, dict(fields))
             self._pending.append((line, prev, ts, event, fields))
-            if self._idle:
-                self._wake()
+            self._wake_if_idle()
         return ref
 
     def emit_statement(self, session: str, user: str, client_addr: str, classification: Any,
@@ -700,33 +719,78 @@ class AuditSink:
                        stepup_event: Any = None) -> None:
         """The `statement` event of a forwarded statement, at completion: what `emit(STATEMENT,
         ...)` writes, for the hot path: no dict, no EventRef, and the line joined from the
-        parts of a template made once per classification and session (`_Templates`)."""
+        parts of a template made once per classification and session (`_Templates`). The
+        usual one (rows, no error, no step-up) is only noted here: chained later (`_drain`)."""
         if self._closed:
             return
-        if self._held + len(self._pending) >= self._max_pending:
+        if self._held + len(self._pending) + len(self._deferred) >= self._max_pending:
             self._dropped_total += 1
             self._healthy = False
             return
+        ts = self._clock()
+        if (rows is not None and error is None and stepup_event is None
+                and self._lines is not None and self._dropped_total == self._dropped_chained):
+            hit = self._templates.cache.get((id(classification), session, user, client_addr,
+                                             decision, rule, True, False, False))
+            parts = hit[1] if hit is not None and hit[0] is classification else \
+                self._templates.get(self, classification, session, user, client_addr,
+                                    decision, rule, True, False, False)
+            if parts is not None:
+                lock = self._defer_lock
+                lock.acquire()  # not `with`: compiled, that makes two bound methods per event
+                try:
+                    self._deferred.append((parts, duration, rows, ts))
+                    if self._idle:
+                        self._idle = False
+                        self._queue.put(_WAKE)
+                finally:
+                    lock.release()
+                return
         args = (session, user, client_addr, classification, decision, rule, duration, rows,
                 error, stepup_event)
-        ts = self._clock()
-        lock = self._chain_lock
-        lock.acquire()  # not `with`: compiled, that makes two bound methods per event
-        try:
-            if self._dropped_total != self._dropped_chained:
-                self._say_gap()
+        with self._chain_lock:
+            self._drain()
+            self._say_gap()
             prev = self._last_hash
             self._pending.append((self._chain_statement(ts, args), prev, ts, _FAST_STATEMENT,
                                   None))
-            if self._idle:
-                self._wake()
-        finally:
-            lock.release()
+            self._wake_if_idle()
 
-    def _wake(self) -> None:
-        """Under the chain lock: the writer waits for lines; tell it there are some."""
-        self._idle = False
-        self._queue.put(_WAKE)
+    def _wake_if_idle(self) -> None:
+        """Under the chain lock: if the writer waits for lines, tell it there are some."""
+        with self._defer_lock:
+            if self._idle:
+                self._idle = False
+                self._queue.put(_WAKE)
+
+    def _drain(self) -> None:
+        """Under the chain lock: chain the deferred statement events, in order, before
+        anything else is chained. Their lines are made by the C helper in blocks, without the
+        GIL (emitters keep deferring meanwhile); one it declines, audit.py makes."""
+        with self._defer_lock:
+            events = self._deferred
+            if not events:
+                return
+            self._deferred = []
+        lines = self._lines
+        assert lines is not None  # only deferred with the C helper
+        entries: list[tuple[bytes, str, float, Any, Any]] = []
+        i, n = 0, len(events)
+        while i < n:
+            prev = self._last_hash
+            data, count = lines.block(events, i, self._last_id + 1, prev)
+            if count:
+                self._last_id += count
+                self._last_hash = lines.digest
+                entries.append((data, prev, events[i][3], _FAST_BLOCK, count))
+                i += count
+            if i < n:
+                parts, duration, rows, ts = events[i]
+                prev = self._last_hash
+                entries.append((self._usual_line(parts, duration, rows, ts), prev, ts,
+                                _FAST_STATEMENT, None))
+                i += 1
+        self._pending += entries
 
     def _say_gap(self) -> None:
         """Under the chain lock: if events were dropped, chain an audit.gap saying how many."""
@@ -766,13 +830,15 @@ class AuditSink:
                 except queue.Empty:
                     item = None
             with self._chain_lock:
+                self._drain()
                 if self._dropped_total != self._dropped_chained:
                     self._say_gap()  # nothing was emitted since the drops: say so now
                 # Every line emitted before the barriers just taken is in `pending`.
                 batch += self._pending
                 self._pending = []
-                self._idle = not batch
-            self._held = len(batch)
+                with self._defer_lock:
+                    self._idle = not batch and not self._deferred
+            self._held = _events(batch)
             reopen = self._needs_reopen and self.config.path is not None
             if batch or reopen:
                 if self._write(batch):
@@ -832,7 +898,10 @@ class AuditSink:
                     self._stdout.write(data.decode("utf-8"))
                     self._stdout.flush()
             if batch and self._file is not None:
-                last = json.loads(batch[-1][0])
+                tail = batch[-1][0]
+                if batch[-1][3] is _FAST_BLOCK:  # its last line
+                    tail = tail[tail.rfind(b"\n", 0, len(tail) - 1) + 1:]
+                last = json.loads(tail)
                 self._file_id, self._file_hash = int(last["id"]), str(last["hash"])
         except (OSError, AuditError) as exc:
             self._failed(exc)
@@ -862,11 +931,14 @@ class AuditSink:
                 prev = self._last_hash
                 if event is _FAST_STATEMENT:
                     line = self._rechain_line(old, renumbered)
+                elif event is _FAST_BLOCK:
+                    line = b"".join([self._rechain_line(one, renumbered)
+                                     for one in old.splitlines(keepends=True)])
                 else:
                     line = self._chain(ts, event, dict(fields))
                     renumbered[json.loads(old)["id"]] = self._last_id
                 batch[i] = (line, prev, ts, event, fields)
-            self._held = len(batch)
+            self._held = _events(batch)
 
     def _rechain_line(self, line: bytes, renumbered: dict[int, int]) -> bytes:
         """A statement event's line chained again (`_rebase`): the event read back from its
@@ -929,37 +1001,47 @@ class AuditSink:
                 if v is not None:
                     fields[k] = v
             return self._chain(ts, STATEMENT, fields)
+        if has_rows and not has_error and not has_stepup:
+            return self._usual_line(parts, duration, rows, ts)
         rid = self._last_id + 1
-        usual = has_rows and not has_error and not has_stepup
-        if usual and self._lines is not None:  # the same bytes as below, made in C
+        ts_text = self._format_ts(ts).encode()
+        # The variable values in sorted-key order (_Templates.SLOTS): duration, error, id,
+        # prev, rows, stepup_event, ts; each as its JSON, between the template's parts.
+        values: list[bytes] = [self._durations.text(duration)]
+        if error is not None:
+            values.append(json.dumps(error, ensure_ascii=False).encode("utf-8"))
+        values.append(b"%d" % rid)
+        values.append(self._last_hash.encode())
+        if rows is not None:
+            values.append(b"%d" % int(rows))
+        if stepup is not None:
+            values.append(json.dumps(_jsonable(stepup), ensure_ascii=False).encode("utf-8"))
+        values.append(ts_text)
+        pieces = [parts[0]]
+        for value, part in zip(values, parts[1:], strict=True):
+            pieces.append(value)
+            pieces.append(part)
+        body = b"".join(pieces)
+        return self._sealed_body(rid, body)
+
+    def _usual_line(self, parts: tuple[bytes, ...], duration: float, rows: int,
+                    ts: float) -> bytes:
+        """The line of the usual statement event (rows, no error, no step-up) from its
+        template, chained at the head: in C when the helper is built and takes the values."""
+        rid = self._last_id + 1
+        if self._lines is not None:  # the same bytes as below, made in C
             line = self._lines.line(parts, duration, rid, self._last_hash, rows, ts)
             if line is not None:
                 self._last_id = rid
                 self._last_hash = self._lines.digest
                 return line
-        ts_text = self._format_ts(ts).encode()
-        # The variable values in sorted-key order (_Templates.SLOTS): duration, error, id,
-        # prev, rows, stepup_event, ts; each as its JSON, between the template's parts.
-        if usual:
-            body = b"".join((parts[0], self._durations.text(duration), parts[1], b"%d" % rid,
-                             parts[2], self._last_hash.encode(), parts[3], b"%d" % int(rows),
-                             parts[4], ts_text, parts[5]))
-        else:
-            values: list[bytes] = [self._durations.text(duration)]
-            if error is not None:
-                values.append(json.dumps(error, ensure_ascii=False).encode("utf-8"))
-            values.append(b"%d" % rid)
-            values.append(self._last_hash.encode())
-            if rows is not None:
-                values.append(b"%d" % int(rows))
-            if stepup is not None:
-                values.append(json.dumps(_jsonable(stepup), ensure_ascii=False).encode("utf-8"))
-            values.append(ts_text)
-            pieces = [parts[0]]
-            for value, part in zip(values, parts[1:], strict=True):
-                pieces.append(value)
-                pieces.append(part)
-            body = b"".join(pieces)
+        body = b"".join((parts[0], self._durations.text(duration), parts[1], b"%d" % rid,
+                         parts[2], self._last_hash.encode(), parts[3], b"%d" % int(rows),
+                         parts[4], self._format_ts(ts).encode(), parts[5]))
+        return self._sealed_body(rid, body)
+
+    def _sealed_body(self, rid: int, body: bytes) -> bytes:
+        """The line of a statement event's canonical JSON `body`, which becomes the head."""
         h = _SHA256.copy()  # no digest lookup per event (OpenSSL 3 fetches it per new hash)
         h.update(body)
         digest = h.hexdigest()

@@ -200,6 +200,37 @@ def test_c_statement_line_is_what_audit_py_writes(session: str, user: str, addr:
     assert compiled_audit._CStatementLines().line(parts, float("nan"), 1, prev, 1, ts) is None
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(_SQL) - 1), _DURATIONS, _ROWS, _TIMES),
+                min_size=1, max_size=12),
+       st.integers(0, 3), st.integers(0, (1 << 63) - 20) | st.integers((1 << 63) - 8, 1 << 64),
+       _HEXES)
+def test_c_statement_block_is_the_lines_chained_one_by_one(
+        events: list[tuple[int, float, int, float]], start: int, first_id: int,
+        prev: str) -> None:
+    """block() (the writer thread's batch, made without the GIL) writes events[start:] as
+    line() would, each chained after the one before, and stops at the first event line()
+    declines; `digest` is then the last line's hash."""
+    sink = compiled_audit.AuditSink(compiled_audit.AuditConfig(path=None))
+    queued = [(sink._templates.get(sink, _CLASSIFICATIONS[ci], "abcdefghijkl", "alice",
+                                   "10.0.0.7", "allowed", "oncall", True, False, False),
+               duration, rows, ts) for ci, duration, rows, ts in events]
+    one = compiled_audit._CStatementLines()
+    want: list[bytes] = []
+    head = prev
+    for parts, duration, rows, ts in queued[start:]:
+        line = one.line(parts, duration, first_id + len(want), head, rows, ts)
+        if line is None or type(duration) is not float or type(ts) is not float:
+            break
+        want.append(line)
+        head = one.digest
+    block = compiled_audit._CStatementLines()
+    data, count = block.block(queued, start, first_id, prev)
+    assert (data, count) == (b"".join(want), len(want))
+    if want:
+        assert block.digest == head
+
+
 # -- the per-statement histogram (tally.py compiled with tally.pxd) -----------------------------
 
 _BOUNDS = st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=20)

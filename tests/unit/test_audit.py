@@ -489,3 +489,64 @@ def test_foreign_append_while_events_wait_rechains_them(tmp_path: Path) -> None:
     assert ref.id == 3 and evs[3]["stepup_event"] == 3 and evs[3]["rows"] == 3
     assert evs[4]["rows"] == 7 and evs[4]["duration"] == 1.2e-05 and evs[4]["prev"] == evs[3]["hash"]
     assert verify_files([path]).ok
+
+
+def test_deferred_statements_keep_their_order_and_a_declined_value(tmp_path: Path) -> None:
+    """Usual statement events are chained later, in blocks; any other event chains them first,
+    and a value the C helper declines (a row count past 2**63) is written by audit.py in its
+    place in the chain."""
+    path = tmp_path / "audit.jsonl"
+    s = sink_at(path)
+    c = _FAST_CLASSIFICATIONS[0]
+    rows = [1, 2, 1 << 70, 4, 5, 6]
+    try:
+        for i, n in enumerate(rows):
+            s.emit_statement("abcdefghijkl", "alice", "x", c, "allowed", "oncall", 0.001,
+                             rows=n)
+            if i == 3:
+                s.emit(A.SESSION_END, session="abcdefghijkl", user="alice")
+        assert s.last_id == 7
+        assert s.flush_sync()
+    finally:
+        s.close_sync()
+    evs = events(path)
+    assert [e["id"] for e in evs] == list(range(1, 8))
+    assert [e.get("rows") for e in evs] == [1, 2, 1 << 70, 4, None, 5, 6]
+    assert evs[4]["event"] == "session.end"
+    assert verify_files([path]).ok
+
+
+def test_foreign_append_rechains_a_block_of_deferred_statements(tmp_path: Path) -> None:
+    """Deferred statement events chained as one block, then another process appends before
+    the writer writes them: the block's lines are chained again, one by one, after it."""
+    import fcntl
+
+    path = tmp_path / "audit.jsonl"
+    s = sink_at(path)
+    try:
+        s.emit(A.SESSION_START, session="abcdefghijkl", user="alice", client_addr="x")
+        assert s.flush_sync()
+        with open(path, "ab") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            for n in range(5):
+                s.emit_statement("abcdefghijkl", "alice", "x", _FAST_CLASSIFICATIONS[0],
+                                 "allowed", "oncall", 0.002, rows=n)
+            assert s.last_id == 6  # chained (as blocks) after the session.start
+            last = events(path)[-1]
+            foreign = {"id": last["id"] + 1, "ts": "2026-01-01T00:00:00.000000Z",
+                       "event": A.ENROLL, "user": "bob", "prev": last["hash"]}
+            foreign["hash"] = A.chain_hash(foreign)
+            f.write(A.canonical_json(foreign) + b"\n")
+            f.flush()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        assert s.flush_sync()
+        s.emit_statement("abcdefghijkl", "alice", "x", _FAST_CLASSIFICATIONS[0], "allowed",
+                         "oncall", 0.002, rows=5)
+        assert s.flush_sync()
+    finally:
+        s.close_sync()
+    evs = events(path)
+    assert [e["event"] for e in evs] == ["session.start", "enroll"] + ["statement"] * 6
+    assert [e["id"] for e in evs] == list(range(1, 9))
+    assert [e["rows"] for e in evs[2:]] == list(range(6))
+    assert verify_files([path]).ok
