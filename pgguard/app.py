@@ -330,7 +330,7 @@ class App:
         # When the server has answered a forwarded statement: called by the session itself,
         # with no observer function in between (once per statement).
         ctx.statement_seconds = metrics.statement_seconds
-        ctx.audit_statement = self.audit.emit_statement if self.audit is not None else None
+        ctx.audit_sink = self.audit
         ctx.on_session = on_session
         self.holds.on_start = on_hold_start
         self.holds.on_end = on_hold_end

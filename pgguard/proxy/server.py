@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -44,6 +44,7 @@ from pgguard.proxy.holds import HoldRegistry
 from pgguard.proxy.session import Session
 
 if TYPE_CHECKING:
+    from pgguard.observability.audit import AuditSink
     from pgguard.observability.metrics import Metrics
     from pgguard.observability.tally import TallyHistogram
 
@@ -133,11 +134,10 @@ class ProxyContext:
         self.allowed_tally: Callable[[frozenset[StatementClass]], Any] = lambda classes: None
         self.on_session: Callable[[Session, bool], None] = lambda session, started: None
         # When the server has answered a forwarded statement (hold time excluded), set by
-        # app.py: its time goes in this histogram, and this makes its audit event (the sink's
-        # emit_statement: session id, user, client address, classification, decision, rule,
-        # seconds, rows, error, stepup_event). None: not timed, not audited.
+        # app.py: its time goes in this histogram, and this sink's emit_statement makes its
+        # audit event. None: not timed, not audited.
         self.statement_seconds: TallyHistogram | None = None
-        self.audit_statement: Callable[..., None] | None = None
+        self.audit_sink: AuditSink | None = None
         self.audit_healthy: Callable[[], bool] = lambda: True
         # Set by app.py (pgguard.observability.metrics.Metrics): classification cache hits and
         # misses, and the time of each miss. None: not counted.
@@ -434,7 +434,9 @@ class _Refused(Exception):
 def _client_side(session: Session) -> asyncio.Protocol:
     from pgguard.proxy.session import _Side
 
-    return _Side(session, client=True)
+    # _Side has the methods of an asyncio.Protocol without the base class (compiled, it is an
+    # extension type: its data callbacks are C calls into the session).
+    return cast(asyncio.Protocol, _Side(session, client=True))
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

@@ -5,6 +5,8 @@
 # A new attribute of Session must be declared here too, or the compiled build fails.
 cimport cython
 
+from pgguard.observability.audit cimport AuditSink
+from pgguard.observability.tally cimport Tally, TallyHistogram
 from pgguard.protocol.framing cimport FrameHandler, Framer
 
 
@@ -19,6 +21,34 @@ cpdef _Tracked _track(int kind, object c, object decision, object rule, object s
 
 
 cdef class Session
+
+
+@cython.final
+cdef class _Fifo:
+    cdef list _items
+    cdef Py_ssize_t _first
+    cdef Py_ssize_t _end
+
+    cpdef void append(self, object e) except *
+    cpdef void appendleft(self, object e) except *
+    cpdef object head(self)
+    cpdef object popleft(self)
+    cpdef void clear(self) except *
+
+
+@cython.final
+cdef class _Allowed:
+    cdef public object classification
+    cdef public object epoch
+    cdef public object rule
+    cdef public bint sensitive
+    cdef public Tally tally
+    cdef public bint plain
+
+
+cdef class _Side:
+    cdef Session _s
+    cdef bint _client
 
 
 cdef class _Frames(FrameHandler):
@@ -69,7 +99,7 @@ cdef class Session:
     cdef public object _our_pid
     cdef public dict _params
     cdef public str _encoding
-    cdef public object _fifo
+    cdef public _Fifo _fifo
     cdef public list _done
     cdef public dict _statements
     cdef public object _stmt_epoch
@@ -94,14 +124,18 @@ cdef class Session:
     cdef public Framer _cframer
     cdef public Framer _sframer
 
-    @cython.locals(nul=Py_ssize_t, nul2=Py_ssize_t, running=set)
+    cpdef object client_data(self, object data)
+    cpdef object server_data(self, object data)
+    @cython.locals(nul=Py_ssize_t, nul2=Py_ssize_t, running=set, fifo=_Fifo)
     cpdef object _on_client_frame(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end)
+    @cython.locals(a=_Allowed, tally=Tally)
     cpdef object _decide(self, int kind, object c, object text, object portal=*)
     @cython.locals(t=_Tracked)
     cpdef void _forwarded(self, int kind, object c, str decision, object rule,
-                          object stepup_event, object text, object portal) except *
-    @cython.locals(hk=int, t=_Tracked)
+                          object stepup_event, object text, object portal,
+                          bint plain) except *
+    @cython.locals(hk=int, t=_Tracked, fifo=_Fifo)
     cpdef object _on_server_frame(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end)
     cpdef void _finished(self, _Tracked t) except *
-    @cython.locals(t=_Tracked)
+    @cython.locals(t=_Tracked, histogram=TallyHistogram, audit=AuditSink)
     cpdef void _report_done(self) except *

@@ -22,9 +22,8 @@ import re
 import secrets
 import string
 import time
-from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -117,6 +116,90 @@ _UNDECODABLE = Classification(
 def new_session_id() -> str:
     """12 characters of [a-z0-9]: 62 bits of randomness (DESIGN §6)."""
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
+
+
+class _Fifo:
+    """The reply FIFO: a list and the index of its first entry. Compiled, its methods are C
+    calls (a deque's are looked up by name), and the list is reused once it empties, as it
+    does at every ReadyForQuery."""
+
+    __slots__ = ("_end", "_first", "_items")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._first = 0  # the first entry; entries are _items[_first:_end]
+        self._end = 0
+
+    def append(self, e: Any) -> None:
+        items = self._items
+        if self._end < len(items):
+            items[self._end] = e
+        else:
+            if self._first:  # reuse the front before the list grows
+                del items[:self._first]
+                self._end -= self._first
+                self._first = 0
+            items.append(e)
+        self._end += 1
+
+    def appendleft(self, e: Any) -> None:
+        if self._first:
+            self._first -= 1
+            self._items[self._first] = e
+        else:
+            self._items.insert(0, e)
+            self._end += 1
+
+    def head(self) -> Any:
+        if self._first >= self._end:
+            raise IndexError("the FIFO is empty")
+        return self._items[self._first]
+
+    def popleft(self) -> Any:
+        first = self._first
+        if first >= self._end:
+            raise IndexError("the FIFO is empty")
+        e = self._items[first]
+        self._items[first] = None
+        first += 1
+        if first == self._end:
+            first = self._end = 0
+        self._first = first
+        return e
+
+    def clear(self) -> None:
+        self._items = []
+        self._first = self._end = 0
+
+    def __len__(self) -> int:
+        return self._end - self._first
+
+    def __bool__(self) -> bool:
+        return self._end > self._first
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._items[self._first:self._end])
+
+
+class _Allowed:
+    """A verdict that depends on nothing but the classification (no grant, no clock), made
+    under the policy of `epoch`: repeated statements of that classification skip the policy
+    until it changes (`Session._decide`)."""
+
+    __slots__ = ("classification", "epoch", "plain", "rule", "sensitive", "tally")
+
+    def __init__(self, classification: Classification, epoch: int, rule: str | None,
+                 tally: Any) -> None:
+        self.classification = classification
+        self.epoch = epoch
+        self.rule = rule
+        self.sensitive = not SENSITIVE.isdisjoint(classification.classes)
+        # The statements_total child to bump (None: report through ctx.on_statement).
+        self.tally = tally
+        # Nothing for _forwarded to record: no session change, no SET that may change how
+        # later messages are decoded.
+        self.plain = (not classification.session_changes
+                      and _SETTING_CLASSES.isdisjoint(classification.classes))
 
 
 class _Marked:
@@ -222,8 +305,9 @@ def _string_end(buf: bytes, i: int, end: int) -> int:
     return -1
 
 
-class _Side(asyncio.Protocol):
-    """Transport callbacks of one direction, delegated to the session."""
+class _Side:
+    """Transport callbacks of one direction (an asyncio protocol), delegated to the session.
+    Compiled, its data callbacks are C calls into the session."""
 
     __slots__ = ("_client", "_s")
 
@@ -279,7 +363,7 @@ class Session:
         self._our_pid: int | None = None
         self._params: dict[str, str] = {}
         self._encoding = "utf-8"
-        self._fifo: deque[int | _Marked | _Tracked | _ParseEntry] = deque()
+        self._fifo = _Fifo()  # of int | _Marked | _Tracked | _ParseEntry
         self._done: list[_Tracked] = []  # answered, not yet reported (see _finished)
         # prepared statement name → (SQL text or None, its classification)
         self._statements: dict[bytes, tuple[str | None, Classification]] = {}
@@ -291,11 +375,9 @@ class Session:
         # re-parsing the statement name later cannot change what the portal is decided on.
         self._portals: dict[bytes, tuple[str | None, Classification]] = {}
         self._running: set[bytes] = set()  # portals whose first Execute was forwarded
-        # Verdicts that depend on nothing but the classification (no grant, no clock), by the
-        # (cached, shared) Classification object, with the guard epoch they were made in:
-        # repeated Executes skip the policy until it changes. Then: sensitive (SENSITIVE)?, and
-        # the statements_total child to bump (None: report through ctx.on_statement).
-        self._allowed: dict[int, tuple[Classification, int, Allow, bool, Any]] = {}
+        # Verdicts that depend on nothing but the classification, by the id of the (cached,
+        # shared) Classification object.
+        self._allowed: dict[int, _Allowed] = {}
         # While a forwarded SET/RESET may change client_encoding or standard_conforming_strings,
         # the later messages are classified as if the worst applied (unknown encoding,
         # backslashes unknown) until the server reports the values or the SET's reply arrives.
@@ -462,7 +544,8 @@ class Session:
 
     async def _connect_upstream(self, startup: bytes) -> None:
         try:
-            transport = await self.ctx.connect_upstream(lambda: _Side(self, client=False))
+            transport = await self.ctx.connect_upstream(
+                lambda: cast(asyncio.Protocol, _Side(self, client=False)))
         except UpstreamError as exc:
             self.ctx.upstream_error(exc.kind)
             self.close(m.error_response(SqlState.CONNECTION_FAILURE,
@@ -650,26 +733,24 @@ class Session:
                 portal: bytes | None = None) -> FrameVerdict:
         """Ask the guard at a Query or a portal's first Execute; returns the framer verdict."""
         ctx = self.ctx
-        cached = self._allowed.get(id(c))
-        if (cached is not None and cached[0] is c and cached[1] == ctx.guard_epoch
-                and (not cached[3] or ctx.audit_healthy())):
+        a = self._allowed.get(id(c))
+        if (a is not None and a.classification is c and a.epoch == ctx.guard_epoch
+                and (not a.sensitive or ctx.audit_healthy())):
             # The common case: a verdict that depends on nothing but the classification, made
             # under the policy in force, and the audit writable if the statement is sensitive.
-            rule = cached[2].rule
-            tally = cached[4]
+            tally = a.tally
             if tally is not None:  # what on_statement does with an allowed statement: count it
                 tally.value += 1
             else:
-                ctx.on_statement(self, c, "allowed", rule)
-            self._forwarded(kind, c, "allowed", rule, None, text, portal)
+                ctx.on_statement(self, c, "allowed", a.rule)
+            self._forwarded(kind, c, "allowed", a.rule, None, text, portal, a.plain)
             return FORWARD
         verdict: Verdict = ctx.guard.check(self, c, text)
         if type(verdict) is Allow and verdict.cacheable:
             if len(self._allowed) >= 1024:
                 self._allowed.clear()
-            self._allowed[id(c)] = (c, ctx.guard_epoch, verdict,
-                                    not SENSITIVE.isdisjoint(c.classes),
-                                    ctx.allowed_tally(c.classes))
+            self._allowed[id(c)] = _Allowed(c, ctx.guard_epoch, verdict.rule,
+                                            ctx.allowed_tally(c.classes))
         if not isinstance(verdict, Refuse):
             refusal = self._audit_refusal(c)
             if refusal is not None:
@@ -684,7 +765,7 @@ class Session:
             self._held = (kind, c, verdict, text, portal)
             return HOLD
         self.ctx.on_statement(self, c, "allowed", verdict.rule)
-        self._forwarded(kind, c, "allowed", verdict.rule, None, text, portal)
+        self._forwarded(kind, c, "allowed", verdict.rule, None, text, portal, False)
         return FORWARD
 
     def _audit_refusal(self, c: Classification) -> Refuse | None:
@@ -702,11 +783,15 @@ class Session:
 
     def _forwarded(self, kind: int, c: Classification, decision: str, rule: str | None,
                    stepup_event: object | None, text: str | None,
-                   portal: bytes | None) -> None:
-        """Bookkeeping for a decided message that goes to the server as it is."""
+                   portal: bytes | None, plain: bool) -> None:
+        """Bookkeeping for a decided message that goes to the server as it is. `plain`: known
+        to change nothing in the session (_Allowed.plain)."""
         t = _track(kind, c, decision, rule, stepup_event)
         if portal is not None:
             self._running.add(portal)
+        if plain:
+            self._fifo.append(t)
+            return
         if c.session_changes:
             self._session_changed(c)
         if (text is not None and not _SETTING_CLASSES.isdisjoint(c.classes)
@@ -845,7 +930,7 @@ class Session:
         self._held = None
         self._hold_task = None
         if error is None:
-            self._forwarded(kind, c, "released", need.rule, stepup_event, text, portal)
+            self._forwarded(kind, c, "released", need.rule, stepup_event, text, portal, False)
             out = self._cframer.resume(None)
         else:
             self._refused(kind, error, portal)
@@ -908,7 +993,7 @@ class Session:
                     self._finished(e)
                 elif type(e) is _ParseEntry:  # answered by nothing but this Z: not parsed
                     self._parse_failed(e.name)
-                if e.kind == K_QUERY:  # type: ignore[union-attr]
+                if e.kind == K_QUERY:
                     break
             if self._settle_at_z:
                 self._settle_at_z = False
@@ -920,11 +1005,11 @@ class Session:
             if typ == 0x53:
                 self._track_parameter(buf, start, end)
             return FORWARD
-        head = fifo[0]
-        hk = head if type(head) is int else head.kind  # type: ignore[union-attr]
+        head = fifo.head()
+        hk = head if type(head) is int else head.kind
         if typ in (0x31, 0x32, 0x33, 0x6E, 0x73):  # ParseComplete BindComplete CloseComplete NoData PortalSuspended
             if type(fifo.popleft()) is _Tracked:
-                self._finished(head)  # type: ignore[arg-type]
+                self._finished(head)
         elif typ == 0x43 or typ == 0x49:  # CommandComplete, EmptyQueryResponse
             if type(head) is _Tracked and typ == 0x43:
                 t = head  # typed (session.pxd): its fields are C fields
@@ -945,8 +1030,8 @@ class Session:
             if hk != K_QUERY:
                 # Extended protocol: the server skips to Sync; drop what it will not answer.
                 while fifo:
-                    e = fifo[0]
-                    if (e if type(e) is int else e.kind) == K_SYNC:  # type: ignore[union-attr]
+                    e = fifo.head()
+                    if (e if type(e) is int else e.kind) == K_SYNC:
                         break
                     fifo.popleft()
                     if type(e) is _Tracked:
@@ -958,10 +1043,10 @@ class Session:
         elif typ == 0x47:  # CopyInResponse
             if hk == K_EXEC:
                 # Syncs pipelined after this Execute reach the server in copy-in mode: ignored.
-                keep = [fifo.popleft()]
-                while fifo and (fifo[0] if type(fifo[0]) is int else K_QUERY) == K_SYNC:
+                keep = fifo.popleft()
+                while fifo and (fifo.head() if type(fifo.head()) is int else K_QUERY) == K_SYNC:
                     fifo.popleft()
-                fifo.extendleft(keep)
+                fifo.appendleft(keep)
             self._client_copy_open = True
         elif typ == 0x53:
             self._track_parameter(buf, start, end)
@@ -988,13 +1073,14 @@ class Session:
 
     def _report_done(self) -> None:
         done, self._done = self._done, []
-        histogram, audit = self.ctx.statement_seconds, self.ctx.audit_statement
+        histogram, audit = self.ctx.statement_seconds, self.ctx.audit_sink
         for t in done:
             if histogram is not None:
                 histogram.observe(t.started)
             if audit is not None:
-                audit(self.id, self.user, self.client_addr, t.classification, t.decision,
-                      t.rule, t.started, t.rows, t.error, t.stepup_event)
+                audit.emit_statement(self.id, self.user, self.client_addr, t.classification,
+                                     t.decision, t.rule, t.started, t.rows, t.error,
+                                     t.stepup_event)
 
     def _on_server_startup_frame(self, typ: int, buf: bytes, start: int, end: int) -> bytes | None:
         if typ == 0x52:  # Authentication*

@@ -69,3 +69,38 @@ def test_string_end_is_find_nul(module: ModuleType, buf: bytes, data: st.DataObj
     start = data.draw(st.integers(min_value=0, max_value=len(buf)))
     end = data.draw(st.integers(min_value=start, max_value=len(buf)))
     assert module._string_end(buf, start, end) == buf.find(b"\0", start, end)
+
+
+# -- the reply FIFO (_Fifo) against collections.deque --------------------------------------------
+
+_FIFO_OPS = st.lists(st.one_of(
+    st.tuples(st.just("append"), st.integers(0, 99)),
+    st.tuples(st.just("appendleft"), st.integers(0, 99)),
+    st.tuples(st.just("popleft"), st.none()),
+    st.tuples(st.just("head"), st.none()),
+    st.tuples(st.just("clear"), st.none())), max_size=200)
+
+
+@given(_FIFO_OPS)
+def test_fifo_behaves_as_a_deque(module: ModuleType, ops: list[tuple[str, int | None]]) -> None:
+    """Whatever the order of appends and pops (the list reused once empty, its front reused
+    before it grows), the FIFO holds what a deque would, in the same order."""
+    from collections import deque
+
+    fifo, want = module._Fifo(), deque()
+    for op, value in ops:
+        if op in ("popleft", "head") and not want:
+            with pytest.raises(IndexError):
+                getattr(fifo, op)()
+        elif op == "popleft":
+            assert fifo.popleft() == want.popleft()
+        elif op == "head":
+            assert fifo.head() == want[0]
+        elif op == "clear":
+            fifo.clear()
+            want.clear()
+        else:
+            getattr(fifo, op)(value)
+            getattr(want, op)(value)
+        assert len(fifo) == len(want) and bool(fifo) == bool(want)
+        assert list(fifo) == list(want)
