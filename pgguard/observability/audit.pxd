@@ -55,6 +55,7 @@ cdef class AuditSink:
     cdef public object last_error
     cdef public object _max_pending
 
+    cpdef void emit_usual(self, tuple parts, object duration, object rows) except *
     @cython.locals(parts=tuple, hit=tuple)
     cpdef void emit_statement(self, object session, object user, object client_addr,
                               object classification, object decision, object rule,

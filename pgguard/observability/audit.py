@@ -720,7 +720,16 @@ class AuditSink:
         """The `statement` event of a forwarded statement, at completion: what `emit(STATEMENT,
         ...)` writes, for the hot path: no dict, no EventRef, and the line joined from the
         parts of a template made once per classification and session (`_Templates`). The
-        usual one (rows, no error, no step-up) is only noted here: chained later (`_drain`)."""
+        usual one (rows, no error, no step-up) goes to `emit_usual`."""
+        if rows is not None and error is None and stepup_event is None:
+            hit = self._templates.cache.get((id(classification), session, user, client_addr,
+                                             decision, rule, True, False, False))
+            parts = hit[1] if hit is not None and hit[0] is classification else \
+                self._templates.get(self, classification, session, user, client_addr,
+                                    decision, rule, True, False, False)
+            if parts is not None:
+                self.emit_usual(parts, duration, rows)
+                return
         if self._closed:
             return
         if self._held + len(self._pending) + len(self._deferred) >= self._max_pending:
@@ -728,24 +737,6 @@ class AuditSink:
             self._healthy = False
             return
         ts = self._clock()
-        if (rows is not None and error is None and stepup_event is None
-                and self._lines is not None and self._dropped_total == self._dropped_chained):
-            hit = self._templates.cache.get((id(classification), session, user, client_addr,
-                                             decision, rule, True, False, False))
-            parts = hit[1] if hit is not None and hit[0] is classification else \
-                self._templates.get(self, classification, session, user, client_addr,
-                                    decision, rule, True, False, False)
-            if parts is not None:
-                lock = self._defer_lock
-                lock.acquire()  # not `with`: compiled, that makes two bound methods per event
-                try:
-                    self._deferred.append((parts, duration, rows, ts))
-                    if self._idle:
-                        self._idle = False
-                        self._queue.put(_WAKE)
-                finally:
-                    lock.release()
-                return
         args = (session, user, client_addr, classification, decision, rule, duration, rows,
                 error, stepup_event)
         with self._chain_lock:
@@ -754,6 +745,43 @@ class AuditSink:
             prev = self._last_hash
             self._pending.append((self._chain_statement(ts, args), prev, ts, _FAST_STATEMENT,
                                   None))
+            self._wake_if_idle()
+
+    def usual_template(self, session: str, user: str, client_addr: str, classification: Any,
+                       decision: str, rule: str | None) -> tuple[bytes, ...] | None:
+        """The template of the usual statement events (rows, no error, no step-up) of one
+        classification and session, for `emit_usual`; None when a value cannot be templated
+        (then emit_statement)."""
+        return self._templates.get(self, classification, session, user, client_addr, decision,
+                                   rule, True, False, False)
+
+    def emit_usual(self, parts: tuple[bytes, ...], duration: float, rows: int) -> None:
+        """emit_statement() of a usual statement event, from its template (`usual_template`):
+        only noted here (template, values, time) and chained later, in order (`_drain`)."""
+        if self._closed:
+            return
+        if self._held + len(self._pending) + len(self._deferred) >= self._max_pending:
+            self._dropped_total += 1
+            self._healthy = False
+            return
+        ts = self._clock()
+        if self._dropped_total == self._dropped_chained:
+            lock = self._defer_lock
+            lock.acquire()  # not `with`: compiled, that makes two bound methods per event
+            try:
+                self._deferred.append((parts, duration, rows, ts))
+                if self._idle:
+                    self._idle = False
+                    self._queue.put(_WAKE)
+            finally:
+                lock.release()
+            return
+        with self._chain_lock:  # events were dropped: the audit.gap that says so comes first
+            self._drain()
+            self._say_gap()
+            prev = self._last_hash
+            self._pending.append((self._usual_line(parts, duration, rows, ts), prev, ts,
+                                  _FAST_STATEMENT, None))
             self._wake_if_idle()
 
     def _wake_if_idle(self) -> None:
@@ -766,20 +794,23 @@ class AuditSink:
     def _drain(self) -> None:
         """Under the chain lock: chain the deferred statement events, in order, before
         anything else is chained. Their lines are made by the C helper in blocks, without the
-        GIL (emitters keep deferring meanwhile); one it declines, audit.py makes."""
+        GIL (emitters keep deferring meanwhile); one it declines (or all, when it is not
+        built), audit.py makes."""
         with self._defer_lock:
             events = self._deferred
             if not events:
                 return
             self._deferred = []
         lines = self._lines
-        assert lines is not None  # only deferred with the C helper
         entries: list[tuple[bytes, str, float, Any, Any]] = []
         i, n = 0, len(events)
         while i < n:
             prev = self._last_hash
-            data, count = lines.block(events, i, self._last_id + 1, prev)
+            count = 0
+            if lines is not None:
+                data, count = lines.block(events, i, self._last_id + 1, prev)
             if count:
+                assert lines is not None
                 self._last_id += count
                 self._last_hash = lines.digest
                 entries.append((data, prev, events[i][3], _FAST_BLOCK, count))

@@ -44,6 +44,7 @@ cdef class _Allowed:
     cdef public bint sensitive
     cdef public Tally tally
     cdef public bint plain
+    cdef public tuple family
 
 
 cdef class _Side:
@@ -71,6 +72,7 @@ cdef class _Tracked:
     cdef public object rows
     cdef public object error
     cdef public bint resets_encoding
+    cdef public tuple family
 
 
 cdef class _ParseEntry:
@@ -133,7 +135,7 @@ cdef class Session:
     @cython.locals(t=_Tracked)
     cpdef void _forwarded(self, int kind, object c, str decision, object rule,
                           object stepup_event, object text, object portal,
-                          bint plain) except *
+                          _Allowed allowed) except *
     @cython.locals(hk=int, t=_Tracked, fifo=_Fifo)
     cpdef object _on_server_frame(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end)
     cpdef void _finished(self, _Tracked t) except *

@@ -186,13 +186,15 @@ class _Allowed:
     under the policy of `epoch`: repeated statements of that classification skip the policy
     until it changes (`Session._decide`)."""
 
-    __slots__ = ("classification", "epoch", "plain", "rule", "sensitive", "tally")
+    __slots__ = ("classification", "epoch", "family", "plain", "rule", "sensitive", "tally")
 
     def __init__(self, classification: Classification, epoch: int, rule: str | None,
-                 tally: Any) -> None:
+                 tally: Any, family: tuple[bytes, ...] | None) -> None:
         self.classification = classification
         self.epoch = epoch
         self.rule = rule
+        # The audit template of these statements' usual event (AuditSink.usual_template).
+        self.family = family
         self.sensitive = not SENSITIVE.isdisjoint(classification.classes)
         # The statements_total child to bump (None: report through ctx.on_statement).
         self.tally = tally
@@ -216,8 +218,8 @@ class _Tracked:
     """A statement forwarded after a decision: completed (or failed) when its reply pops it,
     for the audit's `statement` event (duration, rows) and pgguard_statement_seconds."""
 
-    __slots__ = ("classification", "decision", "error", "kind", "resets_encoding", "rows",
-                 "rule", "started", "stepup_event")
+    __slots__ = ("classification", "decision", "error", "family", "kind", "resets_encoding",
+                 "rows", "rule", "started", "stepup_event")
 
     kind: int
     classification: Classification
@@ -228,6 +230,7 @@ class _Tracked:
     rows: int | None
     error: str | None  # SQLSTATE of the server's error, if any
     resets_encoding: bool  # a SET that may change client_encoding / scs
+    family: tuple[bytes, ...] | None  # its usual audit event's template (_Allowed.family)
 
 
 def _track(kind: int, c: Classification, decision: str, rule: str | None,
@@ -244,6 +247,7 @@ def _track(kind: int, c: Classification, decision: str, rule: str | None,
     t.rows = None
     t.error = None
     t.resets_encoding = False
+    t.family = None
     return t
 
 
@@ -743,14 +747,17 @@ class Session:
                 tally.value += 1
             else:
                 ctx.on_statement(self, c, "allowed", a.rule)
-            self._forwarded(kind, c, "allowed", a.rule, None, text, portal, a.plain)
+            self._forwarded(kind, c, "allowed", a.rule, None, text, portal, a)
             return FORWARD
         verdict: Verdict = ctx.guard.check(self, c, text)
         if type(verdict) is Allow and verdict.cacheable:
             if len(self._allowed) >= 1024:
                 self._allowed.clear()
-            self._allowed[id(c)] = _Allowed(c, ctx.guard_epoch, verdict.rule,
-                                            ctx.allowed_tally(c.classes))
+            sink = ctx.audit_sink
+            self._allowed[id(c)] = _Allowed(
+                c, ctx.guard_epoch, verdict.rule, ctx.allowed_tally(c.classes),
+                None if sink is None else sink.usual_template(
+                    self.id, self.user, self.client_addr, c, "allowed", verdict.rule))
         if not isinstance(verdict, Refuse):
             refusal = self._audit_refusal(c)
             if refusal is not None:
@@ -765,7 +772,7 @@ class Session:
             self._held = (kind, c, verdict, text, portal)
             return HOLD
         self.ctx.on_statement(self, c, "allowed", verdict.rule)
-        self._forwarded(kind, c, "allowed", verdict.rule, None, text, portal, False)
+        self._forwarded(kind, c, "allowed", verdict.rule, None, text, portal, None)
         return FORWARD
 
     def _audit_refusal(self, c: Classification) -> Refuse | None:
@@ -783,15 +790,17 @@ class Session:
 
     def _forwarded(self, kind: int, c: Classification, decision: str, rule: str | None,
                    stepup_event: object | None, text: str | None,
-                   portal: bytes | None, plain: bool) -> None:
-        """Bookkeeping for a decided message that goes to the server as it is. `plain`: known
-        to change nothing in the session (_Allowed.plain)."""
+                   portal: bytes | None, allowed: _Allowed | None) -> None:
+        """Bookkeeping for a decided message that goes to the server as it is; `allowed`: its
+        cached verdict, if that decided it."""
         t = _track(kind, c, decision, rule, stepup_event)
         if portal is not None:
             self._running.add(portal)
-        if plain:
-            self._fifo.append(t)
-            return
+        if allowed is not None:
+            t.family = allowed.family
+            if allowed.plain:  # nothing to record (no session change, no SET)
+                self._fifo.append(t)
+                return
         if c.session_changes:
             self._session_changed(c)
         if (text is not None and not _SETTING_CLASSES.isdisjoint(c.classes)
@@ -930,7 +939,7 @@ class Session:
         self._held = None
         self._hold_task = None
         if error is None:
-            self._forwarded(kind, c, "released", need.rule, stepup_event, text, portal, False)
+            self._forwarded(kind, c, "released", need.rule, stepup_event, text, portal, None)
             out = self._cframer.resume(None)
         else:
             self._refused(kind, error, portal)
@@ -1077,7 +1086,11 @@ class Session:
         for t in done:
             if histogram is not None:
                 histogram.observe(t.started)
-            if audit is not None:
+            if audit is None:
+                continue
+            if t.family is not None and t.rows is not None and t.error is None:
+                audit.emit_usual(t.family, t.started, t.rows)  # its template, found once
+            else:
                 audit.emit_statement(self.id, self.user, self.client_addr, t.classification,
                                      t.decision, t.rule, t.started, t.rows, t.error,
                                      t.stepup_event)
