@@ -76,7 +76,7 @@ async def _run(policy: str, counts: list[int]) -> list[float]:
     from pgguard.config import load_config
     from pgguard.observability.audit import AuditConfig, AuditSink
     from pgguard.protocol import messages as m
-    from pgguard.proxy.session import READY, SERVER_READY_TABLE, Session
+    from pgguard.proxy.session import SERVER_READY_TABLE, STATES, Session
 
     with tempfile.TemporaryDirectory(prefix="pgguard-hotpath-") as tmp:
         home = Path(tmp)
@@ -90,7 +90,7 @@ async def _run(policy: str, counts: list[int]) -> list[float]:
         app._wire_observers()
         session = Session(app.ctx, "127.0.0.1", False)
         session.client = session.server = _Transport()  # type: ignore[assignment]
-        session.state, session.user, session.database = READY, "app", "app"
+        session.state, session.user, session.database = STATES["ready"], "app", "app"
         session._sframer.set_table(SERVER_READY_TABLE)  # as the server's first ReadyForQuery does
         app.ctx.session_ready(session)
         session.client_data(m.parse(b"P0_1", STATEMENT, [23]) + _msg(b"S", b""))

@@ -9,6 +9,11 @@ from pgguard.observability.audit cimport AuditSink
 from pgguard.observability.tally cimport Tally, TallyHistogram
 from pgguard.protocol.framing cimport FrameHandler, Framer
 
+# Module constants as C integers (not looked up, not boxed, where they are compared).
+cdef int K_QUERY, K_PARSE, K_BIND, K_EXEC, K_SYNC, K_CLOSE, K_DESCRIBE_S, K_DESCRIBE_P
+cdef int STARTUP, CONNECTING, AUTH, READY, CLOSED
+cdef tuple _BYTES
+
 
 @cython.locals(first=Py_ssize_t, i=Py_ssize_t, rows=cython.longlong, scale=cython.longlong,
                ch=cython.uchar)

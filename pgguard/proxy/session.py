@@ -72,6 +72,11 @@ POISON_SQL = b"PGGUARD_REJECTED_STATEMENT"
 POISON_PORTAL = b"\x01pgguard_reject"
 
 STARTUP, CONNECTING, AUTH, READY, CLOSED = range(5)
+# Compiled, the states and the FIFO kinds are C constants (session.pxd), not module attributes;
+# the states by name, for tests and benchmarks:
+STATES = {"startup": STARTUP, "connecting": CONNECTING, "auth": AUTH, "ready": READY,
+          "closed": CLOSED}
+_BYTES = tuple(bytes((i,)) for i in range(256))  # a byte as a bytes object, without slicing
 
 # Client encodings pgguard can decode SQL in (PostgreSQL name → Python codec).
 ENCODINGS = {
@@ -494,8 +499,11 @@ class Session:
             if self.state >= AUTH:
                 out = self._cframer.feed(data)
                 if out and self.server is not None:
-                    _send(self.server, out)
-                if self._cframer.holding:
+                    if len(out) == 1:  # the common case: one slice, one write
+                        self.server.write(out[0])
+                    else:
+                        self.server.writelines(out)
+                if self._cframer._held:  # Framer.holding, read as a C field when compiled
                     self._holding()
             elif self.state == STARTUP:
                 self._startup_data(data)
@@ -968,7 +976,10 @@ class Session:
         try:
             out = self._sframer.feed(data)
             if out and self.client is not None:
-                _send(self.client, out)
+                if len(out) == 1:
+                    self.client.write(out[0])
+                else:
+                    self.client.writelines(out)
             self._sframer.run_later()  # the FIFO, rows, status: after the client has the reply
             if self._done:
                 self._report_done()
@@ -991,7 +1002,7 @@ class Session:
             return self._on_server_startup_frame(typ, buf, start, end)
         fifo = self._fifo
         if typ == 0x5A:  # ReadyForQuery: pops through the Sync or Query it answers
-            self.txn_status = buf[start + 5 : start + 6]
+            self.txn_status = _BYTES[buf[start + 5]]
             while fifo:
                 e = fifo.popleft()
                 if type(e) is int:
@@ -1024,7 +1035,7 @@ class Session:
                 t = head  # typed (session.pxd): its fields are C fields
                 rows = _tag_rows(buf, start, end)
                 if rows is not None:
-                    t.rows = rows + (t.rows or 0)
+                    t.rows = rows if t.rows is None else rows + t.rows
             if hk == K_EXEC:
                 fifo.popleft()
                 if type(head) is _Tracked:
@@ -1198,13 +1209,6 @@ class Session:
 
 _OUTCOME_DECISION = {HoldOutcome.RELEASED: "released", HoldOutcome.TIMEOUT: "timed_out",
                      HoldOutcome.CANCEL: "canceled"}
-
-
-def _send(transport: asyncio.Transport, out: list[bytes]) -> None:
-    if len(out) == 1:  # the common case: one slice, one write
-        transport.write(out[0])
-    else:
-        transport.writelines(out)
 
 
 def _poison(kind: int) -> bytes:
