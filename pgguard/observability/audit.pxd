@@ -32,7 +32,6 @@ cdef class AuditSink:
     cdef public object _file_id
     cdef public str _file_hash
     cdef public list _pending
-    cdef public object _defer_lock
     cdef public list _deferred
     cdef public bint _idle
     cdef public bint _healthy

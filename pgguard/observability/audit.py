@@ -562,9 +562,9 @@ class AuditSink:
         # flush barriers and the stop).
         self._pending: list[tuple[bytes, str, float, Any, Any]] = []
         # Usual statement events not chained yet: (template parts, duration, rows, ts), in
-        # order, under `_defer_lock` (taken inside the chain lock, never around it), which
-        # also guards `_idle`. Chaining them (`_drain`) comes before any other event's.
-        self._defer_lock = threading.Lock()
+        # order. Chaining them (`_drain`) comes before any other event's. No lock: emitters
+        # only append to this one list (atomic under the GIL), and `_drain` takes the events
+        # it has seen off its front (two atomic steps), so none is lost or taken twice.
         self._deferred: list[tuple[tuple[bytes, ...], float, int, float]] = []
         # The writer found nothing last time and waits for a _WAKE (the next emitter sends
         # one): prompt writes when events are few, no wake-ups when they are many.
@@ -766,15 +766,12 @@ class AuditSink:
             return
         ts = self._clock()
         if self._dropped_total == self._dropped_chained:
-            lock = self._defer_lock
-            lock.acquire()  # not `with`: compiled, that makes two bound methods per event
-            try:
-                self._deferred.append((parts, duration, rows, ts))
-                if self._idle:
-                    self._idle = False
-                    self._queue.put(_WAKE)
-            finally:
-                lock.release()
+            self._deferred.append((parts, duration, rows, ts))
+            # After the append: a writer that is going idle looks at the list again after it
+            # says so (_run), so either it sees this event or this sees it idle.
+            if self._idle:
+                self._idle = False
+                self._queue.put(_WAKE)
             return
         with self._chain_lock:  # events were dropped: the audit.gap that says so comes first
             self._drain()
@@ -786,21 +783,21 @@ class AuditSink:
 
     def _wake_if_idle(self) -> None:
         """Under the chain lock: if the writer waits for lines, tell it there are some."""
-        with self._defer_lock:
-            if self._idle:
-                self._idle = False
-                self._queue.put(_WAKE)
+        if self._idle:
+            self._idle = False
+            self._queue.put(_WAKE)
 
     def _drain(self) -> None:
         """Under the chain lock: chain the deferred statement events, in order, before
         anything else is chained. Their lines are made by the C helper in blocks, without the
         GIL (emitters keep deferring meanwhile); one it declines (or all, when it is not
         built), audit.py makes."""
-        with self._defer_lock:
-            events = self._deferred
-            if not events:
-                return
-            self._deferred = []
+        deferred = self._deferred
+        n = len(deferred)
+        if not n:
+            return
+        events = deferred[:n]
+        del deferred[:n]  # appended meanwhile: after n, kept
         lines = self._lines
         entries: list[tuple[bytes, str, float, Any, Any]] = []
         i, n = 0, len(events)
@@ -867,8 +864,9 @@ class AuditSink:
                 # Every line emitted before the barriers just taken is in `pending`.
                 batch += self._pending
                 self._pending = []
-                with self._defer_lock:
-                    self._idle = not batch and not self._deferred
+                self._idle = not batch
+                if self._idle and self._deferred:  # deferred since _drain: not idle after all
+                    self._idle = False
             self._held = _events(batch)
             reopen = self._needs_reopen and self.config.path is not None
             if batch or reopen:

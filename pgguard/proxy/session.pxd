@@ -67,6 +67,7 @@ cdef class _Marked:
     cdef public bytes error
 
 
+@cython.no_gc  # it refers to nothing that refers back to it: not tracked by the collector
 cdef class _Tracked:
     cdef public int kind
     cdef public object classification

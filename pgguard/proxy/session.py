@@ -1092,19 +1092,22 @@ class Session:
         self._done.append(t)
 
     def _report_done(self) -> None:
-        done, self._done = self._done, []
+        done = self._done  # emptied, not replaced: no new list per reply
         histogram, audit = self.ctx.statement_seconds, self.ctx.audit_sink
-        for t in done:
-            if histogram is not None:
-                histogram.observe(t.started)
-            if audit is None:
-                continue
-            if t.family is not None and t.rows is not None and t.error is None:
-                audit.emit_usual(t.family, t.started, t.rows)  # its template, found once
-            else:
-                audit.emit_statement(self.id, self.user, self.client_addr, t.classification,
-                                     t.decision, t.rule, t.started, t.rows, t.error,
-                                     t.stepup_event)
+        try:
+            for t in done:
+                if histogram is not None:
+                    histogram.observe(t.started)
+                if audit is None:
+                    continue
+                if t.family is not None and t.rows is not None and t.error is None:
+                    audit.emit_usual(t.family, t.started, t.rows)  # its template, found once
+                else:
+                    audit.emit_statement(self.id, self.user, self.client_addr,
+                                         t.classification, t.decision, t.rule, t.started,
+                                         t.rows, t.error, t.stepup_event)
+        finally:
+            done.clear()
 
     def _on_server_startup_frame(self, typ: int, buf: bytes, start: int, end: int) -> bytes | None:
         if typ == 0x52:  # Authentication*
