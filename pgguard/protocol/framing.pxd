@@ -21,13 +21,16 @@ cdef class Framer:
     cdef public Py_ssize_t _drop_left
     cdef public bint _held
     cdef public bytearray _held_buf
-    cdef public list _later
     cdef public bytes _later_buf
+    cdef public Py_ssize_t _later_start
+    cdef public Py_ssize_t _later_end
+    cdef public bytes _later_table
 
     @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, flushed=Py_ssize_t, length=Py_ssize_t,
                    end=Py_ssize_t, seen=Py_ssize_t, mode=int, max_len=Py_ssize_t,
                    table=bytes, handler=FrameHandler)
     cdef void _scan(self, bytes data, list out) except *
     cpdef list feed(self, data)
-    @cython.locals(pos=Py_ssize_t, i=Py_ssize_t, later=list, buf=bytes, handler=FrameHandler)
+    @cython.locals(pos=Py_ssize_t, end=Py_ssize_t, nxt=Py_ssize_t, buf=bytes, table=bytes,
+                   handler=FrameHandler)
     cpdef void run_later(self) except *

@@ -114,8 +114,10 @@ class Framer:
         "_head_bytes",
         "_held",
         "_held_buf",
-        "_later",
         "_later_buf",
+        "_later_end",
+        "_later_start",
+        "_later_table",
         "_max_len",
         "_need",
         "_stream_left",
@@ -134,9 +136,13 @@ class Framer:
         self._drop_left = 0  # bytes of a replaced HEAD message still to swallow
         self._held = False
         self._held_buf = bytearray()
-        # LATER messages not called back yet: start and end offsets in _later_buf, in pairs.
-        self._later: list[int] = []
+        # LATER messages not called back yet: the part of _later_buf from the first one's start
+        # to the last one's end (0: none), and the table they were framed with. Only whole
+        # SKIP and LATER messages are in it: any other kind calls them back first.
         self._later_buf = b""
+        self._later_start = 0
+        self._later_end = 0
+        self._later_table = table
 
     def set_table(self, table: FrameTable) -> None:
         """From the next feed() on (e.g. after the startup phase)."""
@@ -144,15 +150,19 @@ class Framer:
 
     def run_later(self) -> None:
         """Call back the LATER messages forwarded so far, in order."""
-        if not self._later:
+        end = self._later_end
+        if not end:
             return
-        later, buf = self._later, self._later_buf
-        self._later = []
+        buf, table, pos = self._later_buf, self._later_table, self._later_start
+        self._later_end = 0
         self._later_buf = b""
         handler = self._handler
-        for i in range(0, len(later), 2):
-            pos = later[i]
-            handler.on_frame(buf[pos], buf, pos, later[i + 1])
+        while pos < end:  # walked again: lengths were checked when they were framed
+            nxt = pos + 1 + (((buf[pos + 1] ^ 0x80) - 0x80) * 0x1000000
+                             + (buf[pos + 2] << 16 | buf[pos + 3] << 8 | buf[pos + 4]))
+            if table[buf[pos]] == LATER:
+                handler.on_frame(buf[pos], buf, pos, nxt)
+            pos = nxt
 
     @property
     def holding(self) -> bool:
@@ -166,7 +176,7 @@ class Framer:
     def idle(self) -> bool:
         """True between messages: nothing partial buffered or streaming."""
         return (not self._buf and not self._stream_left and not self._drop_left
-                and not self._held and not self._later)
+                and not self._held and not self._later_end)
 
     def feed(self, data: bytes) -> list[bytes]:
         if self._held:
@@ -231,7 +241,7 @@ class Framer:
     def _scan(self, data: bytes, out: list) -> None:  # type: ignore[type-arg]
         # The hot loop of the relay: locals only, no slicing until a run of unchanged bytes is
         # written out. Compiled (framing.pxd), it touches no Python object but the callbacks.
-        if self._later:  # messages of an earlier feed() not called back yet: they come first
+        if self._later_end:  # messages of an earlier feed() not called back yet: they come first
             self.run_later()
         table, handler, max_len = self._table, self._handler, self._max_len
         n = len(data)
@@ -264,13 +274,14 @@ class Framer:
                 self._need = seen - pos
                 break  # wait for the whole message (INSPECT, LATER) or its head (HEAD)
             if mode == LATER:  # forwarded with the run it is in; called back later
-                if not self._later:
+                if not self._later_end:
                     self._later_buf = data
-                self._later.append(pos)
-                self._later.append(end)
+                    self._later_start = pos
+                    self._later_table = table
+                self._later_end = end
                 pos = end
                 continue
-            if self._later:  # the LATER messages before this one are called back first
+            if self._later_end:  # the LATER messages before this one are called back first
                 self.run_later()
             verdict = handler.on_frame(data[pos], data, pos, seen)
             if verdict is None:
@@ -291,8 +302,8 @@ class Framer:
                 self._drop_left = end - n
                 return
             pos = flushed = end
-        if pos > flushed:
-            out.append(data[flushed:pos])
+        if pos > flushed:  # (all of it, the usual case: the bytes object itself, no slice)
+            out.append(data if flushed == 0 and pos == n else data[flushed:pos])
         if pos < n:
             if pos + 5 > n:
                 self._need = 5
