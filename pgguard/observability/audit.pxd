@@ -52,7 +52,7 @@ cdef class AuditSink:
     cdef public bint _needs_reopen
     cdef public object _size
     cdef public object last_error
-    cdef public object _max_pending
+    cdef public Py_ssize_t _max_pending
 
     cpdef void emit_usual(self, tuple parts, object duration, object rows) except *
     @cython.locals(parts=tuple, hit=tuple)

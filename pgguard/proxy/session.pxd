@@ -21,6 +21,9 @@ cpdef object _tag_rows(bytes buf, Py_ssize_t start, Py_ssize_t end)
 
 cpdef Py_ssize_t _string_end(bytes buf, Py_ssize_t i, Py_ssize_t end) except? -2
 
+@cython.locals(i=Py_ssize_t)
+cpdef bint _same_name(bytes buf, Py_ssize_t start, Py_ssize_t end, bytes name) except? -1
+
 @cython.locals(t=_Tracked)
 cpdef _Tracked _track(int kind, object c, object decision, object rule, object stepup_event)
 
@@ -114,6 +117,7 @@ cdef class Session:
     cdef public set _stale
     cdef public dict _portals
     cdef public set _running
+    cdef public bytes _bind_name
     cdef public dict _allowed
     cdef public object _enc_saved
     cdef public object _scs_saved

@@ -314,6 +314,19 @@ def _string_end(buf: bytes, i: int, end: int) -> int:
     return -1
 
 
+def _same_name(buf: bytes, start: int, end: int, name: bytes) -> bool:
+    """Whether buf[start:end] is `name`, compared by index: compiled, a C loop and no slice."""
+    if end - start != len(name):
+        return False
+    i = 0
+    while start < end:
+        if buf[start] != name[i]:
+            return False
+        start += 1
+        i += 1
+    return True
+
+
 class _Side:
     """Transport callbacks of one direction (an asyncio protocol), delegated to the session.
     Compiled, its data callbacks are C calls into the session."""
@@ -384,6 +397,7 @@ class Session:
         # re-parsing the statement name later cannot change what the portal is decided on.
         self._portals: dict[bytes, tuple[str | None, Classification]] = {}
         self._running: set[bytes] = set()  # portals whose first Execute was forwarded
+        self._bind_name = b""  # the statement name of the last Bind (only saves a slice)
         # Verdicts that depend on nothing but the classification, by the id of the (cached,
         # shared) Classification object.
         self._allowed: dict[int, _Allowed] = {}
@@ -591,7 +605,11 @@ class Session:
             if nul2 < 0:
                 raise ProtocolError("unterminated name in Bind")
             portal = buf[start + 5 : nul] if nul > start + 5 else b""
-            stmt = buf[nul + 1 : nul2] if nul2 > nul + 1 else b""
+            # The name of the last Bind's statement, kept: clients bind the same one again and
+            # again, and the kept object needs no slice and has its hash already.
+            stmt = self._bind_name
+            if not _same_name(buf, nul + 1, nul2, stmt):
+                stmt = self._bind_name = buf[nul + 1 : nul2] if nul2 > nul + 1 else b""
             prepared = self._statements.get(stmt)
             if prepared is None:  # a statement of SQL PREPARE, or one we never saw
                 prepared = (None, self._sql_prepared(stmt))

@@ -104,3 +104,14 @@ def test_fifo_behaves_as_a_deque(module: ModuleType, ops: list[tuple[str, int | 
             getattr(want, op)(value)
         assert len(fifo) == len(want) and bool(fifo) == bool(want)
         assert list(fifo) == list(want)
+
+
+@given(st.binary(max_size=30), st.integers(0, 35), st.integers(0, 35), st.binary(max_size=8))
+def test_same_name_is_a_slice_comparison(module: ModuleType, buf: bytes, start: int, end: int,
+                                         name: bytes) -> None:
+    """_same_name (the Bind's kept statement name) agrees with comparing the slice."""
+    end = min(max(start, end), len(buf))
+    start = min(start, end)
+    assert module._same_name(buf, start, end, name) == (buf[start:end] == name)
+    if end - start <= 8:
+        assert module._same_name(buf, start, end, buf[start:end])
