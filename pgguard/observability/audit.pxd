@@ -54,6 +54,7 @@ cdef class AuditSink:
     cdef public object last_error
     cdef public Py_ssize_t _max_pending
 
+    cdef bint _refused(self) except -1
     cpdef void emit_usual(self, tuple parts, object duration, object rows) except *
     @cython.locals(parts=tuple, hit=tuple)
     cpdef void emit_statement(self, object session, object user, object client_addr,

@@ -730,22 +730,10 @@ class AuditSink:
             if parts is not None:
                 self.emit_usual(parts, duration, rows)
                 return
-        if self._closed:
+        if self._refused():
             return
-        if self._held + len(self._pending) + len(self._deferred) >= self._max_pending:
-            self._dropped_total += 1
-            self._healthy = False
-            return
-        ts = self._clock()
-        args = (session, user, client_addr, classification, decision, rule, duration, rows,
-                error, stepup_event)
-        with self._chain_lock:
-            self._drain()
-            self._say_gap()
-            prev = self._last_hash
-            self._pending.append((self._chain_statement(ts, args), prev, ts, _FAST_STATEMENT,
-                                  None))
-            self._wake_if_idle()
+        self._chain_now(self._clock(), (session, user, client_addr, classification, decision,
+                                        rule, duration, rows, error, stepup_event), None)
 
     def usual_template(self, session: str, user: str, client_addr: str, classification: Any,
                        decision: str, rule: str | None) -> tuple[bytes, ...] | None:
@@ -758,11 +746,7 @@ class AuditSink:
     def emit_usual(self, parts: tuple[bytes, ...], duration: float, rows: int) -> None:
         """emit_statement() of a usual statement event, from its template (`usual_template`):
         only noted here (template, values, time) and chained later, in order (`_drain`)."""
-        if self._closed:
-            return
-        if self._held + len(self._pending) + len(self._deferred) >= self._max_pending:
-            self._dropped_total += 1
-            self._healthy = False
+        if self._refused():
             return
         ts = self._clock()
         if self._dropped_total == self._dropped_chained:
@@ -773,12 +757,30 @@ class AuditSink:
                 self._idle = False
                 self._queue.put(_WAKE)
             return
-        with self._chain_lock:  # events were dropped: the audit.gap that says so comes first
+        self._chain_now(ts, None, (parts, duration, rows))  # after the audit.gap of the drops
+
+    def _refused(self) -> bool:
+        """A statement event is not queued when the sink is closed, or dropped (counted, the
+        sink unhealthy until an audit.gap says how many) when the writer's backlog is full."""
+        if self._closed:
+            return True
+        if self._held + len(self._pending) + len(self._deferred) >= self._max_pending:
+            self._dropped_total += 1
+            self._healthy = False
+            return True
+        return False
+
+    def _chain_now(self, ts: float, args: tuple[Any, ...] | None,
+                   usual: tuple[tuple[bytes, ...], float, int] | None) -> None:
+        """Chain a statement event now, after the deferred ones and any audit.gap: from its
+        emit_statement arguments, or (`usual`) from its template, duration and rows."""
+        with self._chain_lock:
             self._drain()
             self._say_gap()
             prev = self._last_hash
-            self._pending.append((self._usual_line(parts, duration, rows, ts), prev, ts,
-                                  _FAST_STATEMENT, None))
+            line = (self._usual_line(usual[0], usual[1], usual[2], ts) if usual is not None
+                    else self._chain_statement(ts, args))  # type: ignore[arg-type]
+            self._pending.append((line, prev, ts, _FAST_STATEMENT, None))
             self._wake_if_idle()
 
     def _wake_if_idle(self) -> None:

@@ -4,12 +4,14 @@ redaction (DESIGN §7). Real files in tmp_path; the writer thread is the real on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import itertools
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -451,32 +453,41 @@ def test_emit_statement_through_the_writer(tmp_path: Path) -> None:
     assert verify_files([path]).ok
 
 
+@contextlib.contextmanager
+def _another_process_appends(s: AuditSink, path: Path) -> Iterator[None]:
+    """The trail starts with a session.start; inside the block this test holds the file's
+    flock as another process (`pgguard enroll`) would, and at its end appends an `enroll`
+    event chained after the file's last line, then unlocks."""
+    import fcntl
+
+    s.emit(A.SESSION_START, session="abcdefghijkl", user="alice", client_addr="x")
+    assert s.flush_sync()
+    with open(path, "ab") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
+        last = events(path)[-1]
+        foreign = {"id": last["id"] + 1, "ts": "2026-01-01T00:00:00.000000Z",
+                   "event": A.ENROLL, "user": "bob", "prev": last["hash"]}
+        foreign["hash"] = A.chain_hash(foreign)
+        f.write(A.canonical_json(foreign) + b"\n")
+        f.flush()
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def test_foreign_append_while_events_wait_rechains_them(tmp_path: Path) -> None:
     """Events are chained when emitted; if another process appends before the writer writes
     them (here: this test, holding the file's flock as `pgguard enroll` does), the writer
     chains them again after the foreign line, and references follow the new ids."""
-    import fcntl
-
     path = tmp_path / "audit.jsonl"
     s = sink_at(path)
     try:
-        s.emit(A.SESSION_START, session="abcdefghijkl", user="alice", client_addr="x")
-        assert s.flush_sync()
-        with open(path, "ab") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        with _another_process_appends(s, path):
             ref = s.emit(A.STEPUP_SUCCESS, session="abcdefghijkl", user="alice")
             s.emit_statement("abcdefghijkl", "alice", "x", _FAST_CLASSIFICATIONS[1], "released",
                              "oncall", 0.5, rows=3, stepup_event=ref)
             s.emit_statement("abcdefghijkl", "alice", "x", _FAST_CLASSIFICATIONS[0], "allowed",
-                             "oncall", 1.2e-05, rows=7)  # the usual line (made in C if built)
+                             "oncall", 1.2e-05, rows=7)  # the usual event: deferred, chained later
             assert ref.id == 2  # chained at emit time, after the session.start
-            last = events(path)[-1]
-            foreign = {"id": last["id"] + 1, "ts": "2026-01-01T00:00:00.000000Z",
-                       "event": A.ENROLL, "user": "bob", "prev": last["hash"]}
-            foreign["hash"] = A.chain_hash(foreign)
-            f.write(A.canonical_json(foreign) + b"\n")
-            f.flush()
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         assert s.flush_sync()
         s.emit(A.SESSION_END, session="abcdefghijkl", user="alice")
         assert s.flush_sync()
@@ -519,26 +530,14 @@ def test_deferred_statements_keep_their_order_and_a_declined_value(tmp_path: Pat
 def test_foreign_append_rechains_a_block_of_deferred_statements(tmp_path: Path) -> None:
     """Deferred statement events chained as one block, then another process appends before
     the writer writes them: the block's lines are chained again, one by one, after it."""
-    import fcntl
-
     path = tmp_path / "audit.jsonl"
     s = sink_at(path)
     try:
-        s.emit(A.SESSION_START, session="abcdefghijkl", user="alice", client_addr="x")
-        assert s.flush_sync()
-        with open(path, "ab") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        with _another_process_appends(s, path):
             for n in range(5):
                 s.emit_statement("abcdefghijkl", "alice", "x", _FAST_CLASSIFICATIONS[0],
                                  "allowed", "oncall", 0.002, rows=n)
             assert s.last_id == 6  # chained (as blocks) after the session.start
-            last = events(path)[-1]
-            foreign = {"id": last["id"] + 1, "ts": "2026-01-01T00:00:00.000000Z",
-                       "event": A.ENROLL, "user": "bob", "prev": last["hash"]}
-            foreign["hash"] = A.chain_hash(foreign)
-            f.write(A.canonical_json(foreign) + b"\n")
-            f.flush()
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         assert s.flush_sync()
         s.emit_statement("abcdefghijkl", "alice", "x", _FAST_CLASSIFICATIONS[0], "allowed",
                          "oncall", 0.002, rows=5)
