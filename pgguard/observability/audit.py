@@ -836,6 +836,20 @@ class AuditSink:
     # -- the writer thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The writer thread. Should it ever stop on a bug, the sink is unhealthy from then on
+        (sensitive statements are refused: nothing would write their events)."""
+        try:
+            self._write_loop()
+        except BaseException as exc:
+            log.exception("audit: the writer thread stopped")
+            self._healthy = False
+            self.last_error = f"the audit writer stopped: {exc!r}"
+            self._errors += 1
+            if self._on_error is not None:
+                with contextlib.suppress(Exception):
+                    self._on_error()
+
+    def _write_loop(self) -> None:
         batch: list[tuple[bytes, str, float, Any, Any]] = []
         barriers: list[_Barrier] = []
         stopping = False

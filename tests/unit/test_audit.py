@@ -589,3 +589,35 @@ def test_deferred_events_from_many_threads_are_all_chained_once(tmp_path: Path) 
         mine = [e["rows"] for e in evs if e["event"] == "statement" and e["rows"] // 100_000 == k]
         assert mine == sorted(mine)
     assert verify_files([path]).ok
+
+
+def test_a_writer_thread_that_stops_leaves_the_sink_unhealthy(tmp_path: Path) -> None:
+    """Fail closed: should the writer thread ever stop on a bug (here the C helper raises
+    while it chains deferred events), the sink says it is unhealthy, so sensitive statements
+    are refused instead of running with no record."""
+    import time
+
+    class Broken:
+        digest = GENESIS
+
+        def block(self, *args: object) -> tuple[bytes, int]:
+            raise RuntimeError("a bug")
+
+        def line(self, *args: object) -> bytes | None:
+            raise RuntimeError("a bug")
+
+    s = sink_at(tmp_path / "audit.jsonl")
+    counted: list[int] = []
+    s._on_error = lambda: counted.append(1)
+    s._lines = Broken()
+    parts = s.usual_template("abcdefghijkl", "alice", "x", _FAST_CLASSIFICATIONS[0], "allowed",
+                             "oncall")
+    assert parts is not None and s.healthy
+    s.emit_usual(parts, 0.001, 1)
+    deadline = time.monotonic() + 10
+    while s.healthy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not s.healthy and "writer stopped" in (s.last_error or "")
+    assert counted == [1] and s.errors == 1
+    assert not s.flush_sync(timeout=1)  # nothing will write any more
+    s.close_sync()
