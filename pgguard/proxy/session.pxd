@@ -119,6 +119,7 @@ cdef class Session:
     cdef public set _running
     cdef public bytes _bind_name
     cdef public dict _allowed
+    cdef public _Allowed _last_allowed
     cdef public object _enc_saved
     cdef public object _scs_saved
     cdef public bint _settle_at_z

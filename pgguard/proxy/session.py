@@ -401,6 +401,7 @@ class Session:
         # Verdicts that depend on nothing but the classification, by the id of the (cached,
         # shared) Classification object.
         self._allowed: dict[int, _Allowed] = {}
+        self._last_allowed: _Allowed | None = None  # the one used last (checked as above)
         # While a forwarded SET/RESET may change client_encoding or standard_conforming_strings,
         # the later messages are classified as if the worst applied (unknown encoding,
         # backslashes unknown) until the server reports the values or the SET's reply arrives.
@@ -763,7 +764,9 @@ class Session:
                 portal: bytes | None = None) -> FrameVerdict:
         """Ask the guard at a Query or a portal's first Execute; returns the framer verdict."""
         ctx = self.ctx
-        a = self._allowed.get(id(c))
+        a = self._last_allowed  # clients repeat one statement: no id(), no dict lookup then
+        if a is None or a.classification is not c:
+            a = self._allowed.get(id(c))
         if (a is not None and a.classification is c and a.epoch == ctx.guard_epoch
                 and (not a.sensitive or ctx.audit_healthy())):
             # The common case: a verdict that depends on nothing but the classification, made
@@ -773,6 +776,7 @@ class Session:
                 tally.value += 1
             else:
                 ctx.on_statement(self, c, "allowed", a.rule)
+            self._last_allowed = a
             self._forwarded(kind, c, "allowed", a.rule, None, text, portal, a)
             return FORWARD
         verdict: Verdict = ctx.guard.check(self, c, text)
@@ -780,7 +784,7 @@ class Session:
             if len(self._allowed) >= 1024:
                 self._allowed.clear()
             sink = ctx.audit_sink
-            self._allowed[id(c)] = _Allowed(
+            self._allowed[id(c)] = self._last_allowed = _Allowed(
                 c, ctx.guard_epoch, verdict.rule, ctx.allowed_tally(c.classes),
                 None if sink is None else sink.usual_template(
                     self.id, self.user, self.client_addr, c, "allowed", verdict.rule))
