@@ -1019,11 +1019,7 @@ class AuditSink:
 
     def _seal(self, rid: int, record: dict[str, Any]) -> bytes:
         """The line of `record` (id `rid`, prev the chain's head), which becomes the head."""
-        body = canonical_json(record)
-        digest = hashlib.sha256(body).hexdigest()
-        self._last_id = rid
-        self._last_hash = digest
-        return body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+        return self._sealed_body(rid, canonical_json(record))
 
     def _chain_statement(self, ts: float, args: tuple[Any, ...]) -> bytes:
         """`_chain` of an `emit_statement` event: the same bytes, from a template."""
@@ -1086,7 +1082,8 @@ class AuditSink:
         return self._sealed_body(rid, body)
 
     def _sealed_body(self, rid: int, body: bytes) -> bytes:
-        """The line of a statement event's canonical JSON `body`, which becomes the head."""
+        """The line of an event's canonical JSON `body` (id `rid`, prev the chain's head),
+        which becomes the head."""
         h = _SHA256.copy()  # no digest lookup per event (OpenSSL 3 fetches it per new hash)
         h.update(body)
         digest = h.hexdigest()
