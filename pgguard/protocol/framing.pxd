@@ -1,6 +1,9 @@
 # C types for framing.py when Cython compiles it (setup.py); the .py stays the source.
 cimport cython
 
+# The frame modes (framing.py): C constants where the scan loop compares them.
+cdef int _SKIP, _INSPECT, _HEAD, _INVALID, _LATER
+
 
 cdef class FrameHandler:
     cpdef object on_frame(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end)
@@ -30,6 +33,7 @@ cdef class Framer:
                    end=Py_ssize_t, seen=Py_ssize_t, mode=int, max_len=Py_ssize_t,
                    table=bytes, handler=FrameHandler)
     cdef void _scan(self, bytes data, list out) except *
+    @cython.locals(n=Py_ssize_t)
     cpdef list feed(self, data)
     @cython.locals(pos=Py_ssize_t, end=Py_ssize_t, nxt=Py_ssize_t, buf=bytes, table=bytes,
                    handler=FrameHandler)

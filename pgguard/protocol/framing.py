@@ -50,11 +50,14 @@ __all__ = [
     "frame_table",
 ]
 
-SKIP: Final = 0
-INSPECT: Final = 1
-HEAD: Final = 2
-INVALID: Final = 3
-LATER: Final = 4
+# The modes as the framer compares them: C integers when compiled (framing.pxd), where a
+# module constant would be looked up and boxed at each message. The public names follow.
+_SKIP, _INSPECT, _HEAD, _INVALID, _LATER = range(5)
+SKIP: Final = _SKIP
+INSPECT: Final = _INSPECT
+HEAD: Final = _HEAD
+INVALID: Final = _INVALID
+LATER: Final = _LATER
 
 
 class _Hold:
@@ -160,7 +163,7 @@ class Framer:
         while pos < end:  # walked again: lengths were checked when they were framed
             nxt = pos + 1 + (((buf[pos + 1] ^ 0x80) - 0x80) * 0x1000000
                              + (buf[pos + 2] << 16 | buf[pos + 3] << 8 | buf[pos + 4]))
-            if table[buf[pos]] == LATER:
+            if table[buf[pos]] == _LATER:
                 handler.on_frame(buf[pos], buf, pos, nxt)
             pos = nxt
 
@@ -258,22 +261,22 @@ class Framer:
                     raise ProtocolError(f"invalid message length {length}")
                 raise MessageTooLarge(f"message of {length} bytes exceeds the limit")
             end = pos + 1 + length
-            if mode == SKIP:
+            if mode == _SKIP:
                 if end > n:
                     self._stream_left = end - n
                     pos = n
                     break
                 pos = end
                 continue
-            if mode == INVALID:
+            if mode == _INVALID:
                 raise ProtocolError(f"invalid message type {chr(data[pos])!r}")
             # INSPECT and LATER see the whole message; HEAD sees at most its first head_bytes,
             # however much of it has arrived, so the callback does not depend on how reads split.
-            seen = min(end, pos + 5 + self._head_bytes) if mode == HEAD else end
+            seen = min(end, pos + 5 + self._head_bytes) if mode == _HEAD else end
             if seen > n:
                 self._need = seen - pos
                 break  # wait for the whole message (INSPECT, LATER) or its head (HEAD)
-            if mode == LATER:  # forwarded with the run it is in; called back later
+            if mode == _LATER:  # forwarded with the run it is in; called back later
                 if not self._later_end:
                     self._later_buf = data
                     self._later_start = pos

@@ -40,6 +40,7 @@ cdef class _Fifo:
     cpdef void append(self, object e) except *
     cpdef void appendleft(self, object e) except *
     cpdef object head(self)
+    @cython.locals(first=Py_ssize_t)
     cpdef object popleft(self)
     cpdef void clear(self) except *
 
