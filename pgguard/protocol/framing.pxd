@@ -14,7 +14,7 @@ cdef class _Function(FrameHandler):
 
 
 cdef class Framer:
-    cdef public bytes _table
+    cdef readonly bytes _table  # set through _checked() only (no bounds checks when compiled)
     cdef public FrameHandler _handler
     cdef public Py_ssize_t _max_len
     cdef public Py_ssize_t _head_bytes
@@ -27,7 +27,7 @@ cdef class Framer:
     cdef public bytes _later_buf
     cdef public Py_ssize_t _later_start
     cdef public Py_ssize_t _later_end
-    cdef public bytes _later_table
+    cdef readonly bytes _later_table
 
     @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, flushed=Py_ssize_t, length=Py_ssize_t,
                    end=Py_ssize_t, seen=Py_ssize_t, mode=int, max_len=Py_ssize_t,

@@ -1,3 +1,6 @@
+# cython: boundscheck=False, wraparound=False
+# (Compiled, an index is not checked: the scan loop reads only below the length it has checked,
+# and a table is checked to have 256 entries when it is set.)
 """Sans-IO framing of PostgreSQL v3 messages (after the startup packet): `type byte, int32 length`.
 
 `Framer.feed(data)` returns the byte slices to write to the other side, in order. Bytes are
@@ -105,8 +108,16 @@ def frame_table(default: int, **modes: str) -> FrameTable:
     for name, mode in (("skip", SKIP), ("inspect", INSPECT), ("head", HEAD), ("invalid", INVALID),
                        ("later", LATER)):
         for ch in modes.get(name, ""):
+            if ord(ch) > 255:
+                raise ValueError(f"not a message type byte: {ch!r}")
             table[ord(ch)] = mode
     return bytes(table)
+
+
+def _checked(table: FrameTable) -> FrameTable:
+    if type(table) is not bytes or len(table) != 256:
+        raise ValueError("a frame table is 256 bytes (frame_table())")
+    return table
 
 
 class Framer:
@@ -129,7 +140,7 @@ class Framer:
 
     def __init__(self, table: FrameTable, on_frame: OnFrame | FrameHandler, *,
                  max_len: int = 0x7FFFFFFF, head_bytes: int = 4096) -> None:
-        self._table = table
+        self._table = _checked(table)
         self._handler = on_frame if isinstance(on_frame, FrameHandler) else _Function(on_frame)
         self._max_len = max_len
         self._head_bytes = head_bytes
@@ -149,7 +160,7 @@ class Framer:
 
     def set_table(self, table: FrameTable) -> None:
         """From the next feed() on (e.g. after the startup phase)."""
-        self._table = table
+        self._table = _checked(table)
 
     def run_later(self) -> None:
         """Call back the LATER messages forwarded so far, in order."""

@@ -518,3 +518,14 @@ def test_later_verdict_is_ignored_and_replacement_still_works_for_inspect() -> N
     error = msg(b"E", b"SERROR\0C42P01\0\0")
     i = REPLY.index(error)
     assert b"".join(out) == REPLY[:i] + b"!" + REPLY[i + len(error):]
+
+
+def test_a_table_must_have_256_entries() -> None:
+    # Compiled, the framer indexes its table without bounds checks: a short one is refused.
+    with pytest.raises(ValueError):
+        Framer(b"\x00" * 255, lambda *a: None)
+    framer = Framer(frame_table(SKIP), lambda *a: None)
+    with pytest.raises(ValueError):
+        framer.set_table(bytes(257))
+    with pytest.raises(ValueError):
+        frame_table(SKIP, inspect="Q\u0100")
