@@ -66,14 +66,20 @@ cdef class _Frames(FrameHandler):
     cdef public bint server
 
 
-cdef class _Marked:
+cdef class _Entry:
     cdef public int kind
+
+
+# The shared entries of the kinds that need nothing more (C globals: no lookup per message).
+cdef _Entry _E_QUERY, _E_BIND, _E_EXEC, _E_SYNC, _E_CLOSE, _E_DESCRIBE_S, _E_DESCRIBE_P
+
+
+cdef class _Marked(_Entry):
     cdef public bytes error
 
 
 @cython.no_gc  # it refers to nothing that refers back to it: not tracked by the collector
-cdef class _Tracked:
-    cdef public int kind
+cdef class _Tracked(_Entry):
     cdef public object classification
     cdef public object decision
     cdef public object rule
@@ -85,8 +91,7 @@ cdef class _Tracked:
     cdef public tuple family
 
 
-cdef class _ParseEntry:
-    cdef public int kind
+cdef class _ParseEntry(_Entry):
     cdef public bytes name
 
 
@@ -148,7 +153,8 @@ cdef class Session:
     cpdef void _forwarded(self, int kind, object c, str decision, object rule,
                           object stepup_event, object text, object portal,
                           _Allowed allowed) except *
-    @cython.locals(hk=int, t=_Tracked, fifo=_Fifo)
+    @cython.locals(hk=int, t=_Tracked, fifo=_Fifo, e=_Entry, head=_Entry, p=_ParseEntry,
+                   marked=_Marked)
     cpdef object _on_server_frame(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end)
     cpdef void _finished(self, _Tracked t) except *
     @cython.locals(t=_Tracked, histogram=TallyHistogram, audit=AuditSink)

@@ -209,21 +209,33 @@ class _Allowed:
                       and _SETTING_CLASSES.isdisjoint(classification.classes))
 
 
-class _Marked:
+class _Entry:
+    """A FIFO entry: a message that expects a reply, by kind (its frontend type byte, or
+    K_DESCRIBE_S/P). The subclasses carry what the reply is needed for; a message that needs
+    nothing more has the one shared entry of its kind (`_E_*`). Compiled, `kind` is a C field
+    of every entry."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: int) -> None:
+        self.kind = kind
+
+
+class _Marked(_Entry):
     """A message replaced by a poison: its ErrorResponse is swapped for pgguard's `error`."""
 
-    __slots__ = ("error", "kind")
+    __slots__ = ("error",)
 
     def __init__(self, kind: int, error: bytes) -> None:
         self.kind = kind
         self.error = error  # the complete ErrorResponse that replaces the server's
 
 
-class _Tracked:
+class _Tracked(_Entry):
     """A statement forwarded after a decision: completed (or failed) when its reply pops it,
     for the audit's `statement` event (duration, rows) and pgguard_statement_seconds."""
 
-    __slots__ = ("classification", "decision", "error", "family", "kind", "resets_encoding",
+    __slots__ = ("classification", "decision", "error", "family", "resets_encoding",
                  "rows", "rule", "started", "stepup_event")
 
     kind: int
@@ -256,14 +268,19 @@ def _track(kind: int, c: Classification, decision: str, rule: str | None,
     return t
 
 
-class _ParseEntry:
+class _ParseEntry(_Entry):
     """A forwarded Parse: if the server refuses or skips it, its name is forgotten."""
 
-    __slots__ = ("kind", "name")
+    __slots__ = ("name",)
 
     def __init__(self, kind: int, name: bytes) -> None:
         self.kind = kind
         self.name = name
+
+
+# The entries of the messages that need nothing but their kind.
+_E_QUERY, _E_BIND, _E_EXEC, _E_SYNC, _E_CLOSE, _E_DESCRIBE_S, _E_DESCRIBE_P = (
+    _Entry(k) for k in (K_QUERY, K_BIND, K_EXEC, K_SYNC, K_CLOSE, K_DESCRIBE_S, K_DESCRIBE_P))
 
 
 class _Frames(FrameHandler):
@@ -385,7 +402,7 @@ class Session:
         self._our_pid: int | None = None
         self._params: dict[str, str] = {}
         self._encoding = "utf-8"
-        self._fifo = _Fifo()  # of int | _Marked | _Tracked | _ParseEntry
+        self._fifo = _Fifo()  # of _Entry
         self._done: list[_Tracked] = []  # answered, not yet reported (see _finished)
         # prepared statement name → (SQL text or None, its classification)
         self._statements: dict[bytes, tuple[str | None, Classification]] = {}
@@ -618,7 +635,7 @@ class Session:
                 prepared = self._reclassified(stmt, prepared)
             self._portals[portal] = prepared
             self._running.discard(portal)
-            fifo.append(K_BIND)
+            fifo.append(_E_BIND)
         elif typ == 0x45:  # Execute: portal name, NUL, row limit (int32)
             nul = end - 5
             if nul < start + 5 or buf[nul] != 0:
@@ -634,14 +651,14 @@ class Session:
                     # function returned). Decide on what we know of it, else as unknown.
                     return self._decide(K_EXEC, self._cursor(portal), None, portal)
                 return self._decide(K_EXEC, snap[1], snap[0], portal)
-            fifo.append(K_EXEC)
+            fifo.append(_E_EXEC)
         elif typ == 0x53:  # Sync
             if not self._client_copy_open:  # the server ignores Sync during COPY FROM STDIN
-                fifo.append(K_SYNC)
+                fifo.append(_E_SYNC)
         elif typ == 0x51:  # Query
             sql = m.parse_query(buf, start, end)
             if _SHOW_PGGUARD.match(sql):
-                fifo.append(K_QUERY)
+                fifo.append(_E_QUERY)
                 return m.query(self._show_substitute(sql))
             text = self._decode(sql)
             c = self._classify(text, False)
@@ -666,7 +683,7 @@ class Session:
         elif typ == 0x44:  # Describe: only the target kind matters (the server checks the rest)
             if end - start < 7:
                 raise ProtocolError("truncated Describe")
-            fifo.append(K_DESCRIBE_S if buf[start + 5] == 0x53 else K_DESCRIBE_P)
+            fifo.append(_E_DESCRIBE_S if buf[start + 5] == 0x53 else _E_DESCRIBE_P)
         elif typ == 0x43:  # Close
             kind, name = m.parse_named(buf, start, end)
             if kind == 0x53:
@@ -675,7 +692,7 @@ class Session:
             else:
                 self._portals.pop(name, None)
                 self._running.discard(name)
-            fifo.append(K_CLOSE)
+            fifo.append(_E_CLOSE)
         elif typ in (0x63, 0x66):  # CopyDone, CopyFail
             self._client_copy_open = False
         elif typ == 0x46:  # FunctionCall: calls a function by OID, no SQL to classify
@@ -1027,15 +1044,12 @@ class Session:
             self.txn_status = _BYTES[buf[start + 5]]
             while fifo:
                 e = fifo.popleft()
-                if type(e) is int:
-                    if e == K_SYNC:
-                        break
-                    continue
                 if type(e) is _Tracked:
                     self._finished(e)
                 elif type(e) is _ParseEntry:  # answered by nothing but this Z: not parsed
-                    self._parse_failed(e.name)
-                if e.kind == K_QUERY:
+                    p = e  # typed (session.pxd): a C field read
+                    self._parse_failed(p.name)
+                if e.kind == K_SYNC or e.kind == K_QUERY:
                     break
             if self._settle_at_z:
                 self._settle_at_z = False
@@ -1048,7 +1062,7 @@ class Session:
                 self._track_parameter(buf, start, end)
             return FORWARD
         head = fifo.head()
-        hk = head if type(head) is int else head.kind
+        hk = head.kind
         if typ in (0x31, 0x32, 0x33, 0x6E, 0x73):  # ParseComplete BindComplete CloseComplete NoData PortalSuspended
             if type(fifo.popleft()) is _Tracked:
                 self._finished(head)
@@ -1066,27 +1080,32 @@ class Session:
             if hk == K_DESCRIBE_S or hk == K_DESCRIBE_P:
                 fifo.popleft()
         elif typ == 0x45:  # ErrorResponse
-            replacement = head.error if type(head) is _Marked else None
-            if type(head) is _Tracked:
-                head.error = m.parse_fields(buf, start, end).get("C", "")
+            replacement = None
+            if type(head) is _Marked:
+                marked = head  # typed (session.pxd): a C field read
+                replacement = marked.error
+            elif type(head) is _Tracked:
+                t = head
+                t.error = m.parse_fields(buf, start, end).get("C", "")
             if hk != K_QUERY:
                 # Extended protocol: the server skips to Sync; drop what it will not answer.
                 while fifo:
                     e = fifo.head()
-                    if (e if type(e) is int else e.kind) == K_SYNC:
+                    if e.kind == K_SYNC:
                         break
                     fifo.popleft()
                     if type(e) is _Tracked:
                         self._finished(e)
                     elif type(e) is _ParseEntry:
-                        self._parse_failed(e.name)
+                        p = e
+                        self._parse_failed(p.name)
             self._client_copy_open = False
             return replacement
         elif typ == 0x47:  # CopyInResponse
             if hk == K_EXEC:
                 # Syncs pipelined after this Execute reach the server in copy-in mode: ignored.
                 keep = fifo.popleft()
-                while fifo and (fifo.head() if type(fifo.head()) is int else K_QUERY) == K_SYNC:
+                while fifo and fifo.head().kind == K_SYNC:
                     fifo.popleft()
                 fifo.appendleft(keep)
             self._client_copy_open = True

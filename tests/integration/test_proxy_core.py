@@ -268,6 +268,29 @@ def test_refused_in_pipeline_rolls_back_implicit_transaction(pg, refusing):
         assert c.execute("SELECT 'still usable'").fetchone() == ("still usable",)
 
 
+def test_refused_query_pipelined_after_show_pgguard(pg, refusing):
+    # SHOW pgguard.* is answered by substitution; its ReadyForQuery must end only its own
+    # entry, so that the refused query after it still gets pgguard's error, not the poison's.
+    with connect_raw(refusing) as s:
+        md5_login(s)
+        s.sendall(m.query("SHOW pgguard.session_id") + m.query("SELECT 'FORBIDDEN'")
+                  + m.query("SELECT 'after'"))
+        msgs: list[tuple[str, bytes]] = []
+        while [t for t, _ in msgs].count("Z") < 3:
+            msgs += read_messages(s)
+        replies, cur = [], []
+        for typ, body in msgs:
+            cur.append((typ, body))
+            if typ == "Z":
+                replies.append(cur)
+                cur = []
+        first, second, third = replies
+        assert [t for t, _ in first] == ["T", "D", "C", "Z"]
+        (err,) = errors(second)
+        assert (err["C"], err["M"]) == ("42501", "pgguard: statement rejected by policy")
+        assert [t for t, _ in third] == ["T", "D", "C", "Z"] and b"after" in third[1][1]
+
+
 def test_function_call_refused_session_usable(pg, proxy):
     with connect_raw(proxy) as s:
         md5_login(s)
