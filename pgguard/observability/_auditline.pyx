@@ -263,34 +263,34 @@ cdef class StatementLines:
         return out
 
     def block(self, list events, Py_ssize_t start, object rid, str prev):
-        """The lines of events[start:], each a tuple (parts, duration, rows, ts) as line()
-        takes them, chained from id `rid` and `prev`, up to the first event line() would
-        refuse: (their lines as one bytes, how many). Sets `digest` when there are any. The
-        lines are written and hashed without the GIL: the audit writer thread calls this
-        while the event loop goes on."""
+        """The lines of the events from event number `start` on, `events` being flat: four
+        items per event (parts, duration, rows, ts), as line() takes them. Chained from id
+        `rid` and `prev`, up to the first event line() would refuse: (their lines as one
+        bytes, how many). Sets `digest` when there are any. The lines are written and hashed
+        without the GIL: the audit writer thread calls this while the event loop goes on."""
         cdef long long first = 0
         cdef Py_ssize_t count = 0, total = 0, n, i, j, prev_len
         cdef _Values *vs
         cdef const char *prev_p
         cdef char *p
-        cdef object event, out
+        cdef object out
         if not _count(rid, &first) or start < 0:
             return b"", 0
         prev_p = PyUnicode_AsUTF8AndSize(prev, &prev_len)
-        if prev_len != 64 or start >= len(events):
+        if prev_len != 64 or start >= len(events) // 4:
             return b"", 0
-        n = len(events) - start
+        n = len(events) // 4 - start
         vs = <_Values *>PyMem_Malloc(n * sizeof(_Values))
         if vs == NULL:
             raise MemoryError()
         try:
             for i in range(n):
-                event = events[start + i]
-                if (type(event) is not tuple or len(<tuple>event) != 4
-                        or type((<tuple>event)[1]) is not float
-                        or type((<tuple>event)[3]) is not float
-                        or not _values(&vs[i], (<tuple>event)[0], (<tuple>event)[1],
-                                       (<tuple>event)[2], (<tuple>event)[3])
+                j = 4 * (start + i)
+                if (type(events[j]) is not tuple
+                        or type(events[j + 1]) is not float
+                        or type(events[j + 3]) is not float
+                        or not _values(&vs[i], events[j], events[j + 1], events[j + 2],
+                                       events[j + 3])
                         or i > MAX_ID - first):
                     break
                 vs[i].id = first + i

@@ -561,11 +561,13 @@ class AuditSink:
         # Chained lines for the writer, appended under the chain lock (the queue carries only
         # flush barriers and the stop).
         self._pending: list[tuple[bytes, str, float, Any, Any]] = []
-        # Usual statement events not chained yet: (template parts, duration, rows, ts), in
-        # order. Chaining them (`_drain`) comes before any other event's. No lock: emitters
-        # only append to this one list (atomic under the GIL), and `_drain` takes the events
-        # it has seen off its front (two atomic steps), so none is lost or taken twice.
-        self._deferred: list[tuple[tuple[bytes, ...], float, int, float]] = []
+        # Usual statement events not chained yet, in order, flat: four items per event
+        # (template parts, duration, rows, ts), so that a waiting event is no object of its
+        # own for the garbage collector to count and visit. Chaining them (`_drain`) comes
+        # before any other event's. No lock: emitters only extend this one list by one event
+        # (atomic under the GIL), and `_drain` takes the events it has seen off its front
+        # (two atomic steps), so none is lost, split or taken twice.
+        self._deferred: list[Any] = []
         # The writer found nothing last time and waits for a _WAKE (the next emitter sends
         # one): prompt writes when events are few, no wake-ups when they are many.
         self._idle = False
@@ -750,7 +752,7 @@ class AuditSink:
             return
         ts = self._clock()
         if self._dropped_total == self._dropped_chained:
-            self._deferred.append((parts, duration, rows, ts))
+            self._deferred.extend((parts, duration, rows, ts))
             # After the append: a writer that is going idle looks at the list again after it
             # says so (_run), so either it sees this event or this sees it idle.
             if self._idle:
@@ -764,7 +766,7 @@ class AuditSink:
         sink unhealthy until an audit.gap says how many) when the writer's backlog is full."""
         if self._closed:
             return True
-        if self._held + len(self._pending) + len(self._deferred) >= self._max_pending:
+        if self._held + len(self._pending) + len(self._deferred) // 4 >= self._max_pending:
             self._dropped_total += 1
             self._healthy = False
             return True
@@ -802,7 +804,7 @@ class AuditSink:
         del deferred[:n]  # appended meanwhile: after n, kept
         lines = self._lines
         entries: list[tuple[bytes, str, float, Any, Any]] = []
-        i, n = 0, len(events)
+        i, n = 0, n // 4  # events, four items each
         while i < n:
             prev = self._last_hash
             count = 0
@@ -812,13 +814,14 @@ class AuditSink:
                 assert lines is not None
                 self._last_id += count
                 self._last_hash = lines.digest
-                entries.append((data, prev, events[i][3], _FAST_BLOCK, count))
+                entries.append((data, prev, events[4 * i + 3], _FAST_BLOCK, count))
                 i += count
             if i < n:
-                parts, duration, rows, ts = events[i]
+                ts = events[4 * i + 3]
                 prev = self._last_hash
-                entries.append((self._usual_line(parts, duration, rows, ts), prev, ts,
-                                _FAST_STATEMENT, None))
+                entries.append((self._usual_line(events[4 * i], events[4 * i + 1],
+                                                 events[4 * i + 2], ts),
+                                prev, ts, _FAST_STATEMENT, None))
                 i += 1
         self._pending += entries
 

@@ -208,9 +208,10 @@ def test_c_statement_line_is_what_audit_py_writes(session: str, user: str, addr:
 def test_c_statement_block_is_the_lines_chained_one_by_one(
         events: list[tuple[int, float, int, float]], start: int, first_id: int,
         prev: str) -> None:
-    """block() (the writer thread's batch, made without the GIL) writes events[start:] as
-    line() would, each chained after the one before, and stops at the first event line()
-    declines; `digest` is then the last line's hash."""
+    """block() (the writer thread's batch, made without the GIL) writes the events from
+    number `start` on (four items each, in one list) as line() would, each chained after the
+    one before, and stops at the first event line() declines; `digest` is then the last
+    line's hash."""
     sink = compiled_audit.AuditSink(compiled_audit.AuditConfig(path=None))
     queued = [(sink._templates.get(sink, _CLASSIFICATIONS[ci], "abcdefghijkl", "alice",
                                    "10.0.0.7", "allowed", "oncall", True, False, False),
@@ -225,7 +226,8 @@ def test_c_statement_block_is_the_lines_chained_one_by_one(
         want.append(line)
         head = one.digest
     block = compiled_audit._CStatementLines()
-    data, count = block.block(queued, start, first_id, prev)
+    flat = [item for event in queued for item in event]  # as AuditSink._deferred holds them
+    data, count = block.block(flat, start, first_id, prev)
     assert (data, count) == (b"".join(want), len(want))
     if want:
         assert block.digest == head
