@@ -101,6 +101,15 @@ class ProxyContext:
     """What every session shares: configuration, the guard, the cancel registry, the upstream
     connector. Cross-session state lives behind interfaces (CancelRegistry, later the store)."""
 
+    # Read per statement by every session: slots, not an instance dict.
+    __slots__ = (
+        "_cancel_slots", "_pool", "_tasks", "_upstream_ssl", "allowed_tally", "audit_healthy",
+        "audit_sink", "by_id", "cancels", "catalog_classifier", "catalog_database", "classifier",
+        "config", "guard", "guard_epoch", "hold_timeout", "holds", "is_enrolled", "metrics",
+        "offload_chars", "on_session", "on_statement", "on_upstream_error", "sessions",
+        "setting_is_harmless", "statement_seconds", "status_text", "stepup_url",
+    )
+
     def __init__(self, config: Config, guard: Guard, cancels: CancelRegistry,
                  setting_is_harmless: Callable[[str], bool],
                  classifier: ClassificationCache | None = None,
