@@ -32,9 +32,14 @@ cdef class Framer:
     @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, flushed=Py_ssize_t, length=Py_ssize_t,
                    end=Py_ssize_t, seen=Py_ssize_t, mode=int, max_len=Py_ssize_t,
                    table=bytes, handler=FrameHandler)
-    cdef void _scan(self, bytes data, list out) except *
-    @cython.locals(n=Py_ssize_t)
+    cdef object _scan(self, bytes data, object out)
     cpdef list feed(self, data)
+    @cython.locals(n=Py_ssize_t)
+    cpdef object relay(self, data)
     @cython.locals(pos=Py_ssize_t, end=Py_ssize_t, nxt=Py_ssize_t, buf=bytes, table=bytes,
                    handler=FrameHandler)
     cpdef void run_later(self) except *
+
+
+cdef object _add(object out, bytes chunk)
+cdef list _as_list(object out)

@@ -3,7 +3,8 @@
 # and a table is checked to have 256 entries when it is set.)
 """Sans-IO framing of PostgreSQL v3 messages (after the startup packet): `type byte, int32 length`.
 
-`Framer.feed(data)` returns the byte slices to write to the other side, in order. Bytes are
+`Framer.feed(data)` returns the byte slices to write to the other side, in order (`relay(data)`
+the same without making a list for one slice). Bytes are
 forwarded unchanged and in bulk: a run of messages that nobody needs to look at leaves as one
 slice of the input, and a long message of a *streamed* type (DataRow, CopyData, NoticeResponse,
 and Bind's values) leaves as it arrives, never gathered in memory.
@@ -34,7 +35,7 @@ append to the held backlog (`backlog_size` says how much, so the owner can stop 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 from pgguard.errors import MessageTooLarge, ProtocolError
 
@@ -75,6 +76,7 @@ HOLD: Final = _Hold()
 
 Verdict = bytes | _Hold | None
 FrameTable = bytes  # 256 entries, one mode per type byte
+Chunks = bytes | list[bytes] | None  # what to write: one bytes object, several, or nothing
 OnFrame = Callable[[int, bytes, int, int], Verdict]
 
 
@@ -193,25 +195,30 @@ class Framer:
                 and not self._held and not self._later_end)
 
     def feed(self, data: bytes) -> list[bytes]:
+        return _as_list(self.relay(data))
+
+    def relay(self, data: bytes) -> Chunks:
+        """feed() for a relay: what to write as one bytes object (the usual case: no list is
+        made), a list of them, or None when there is nothing to write."""
         if self._held:
             self._held_buf += data
-            return []
+            return None
         if not data:
-            return []
+            return None
         if self._drop_left:
             n = len(data)
             if n <= self._drop_left:
                 self._drop_left -= n
-                return []
+                return None
             data = data[self._drop_left :]
             self._drop_left = 0
-        out: list[bytes] = []
+        out: Chunks = None
         if self._stream_left:
             n = len(data)
             if n <= self._stream_left:
                 self._stream_left -= n
-                return [data]
-            out.append(data[: self._stream_left])
+                return data
+            out = data[: self._stream_left]
             data = data[self._stream_left :]
             self._stream_left = 0
         if self._buf:
@@ -220,8 +227,7 @@ class Framer:
                 return out
             data = bytes(self._buf)
             self._buf = bytearray()
-        self._scan(data, out)
-        return out
+        return self._scan(data, out)
 
     def resume(self, verdict: bytes | None) -> list[bytes]:
         """End a hold: forward the held message (None) or send `verdict` instead of it."""
@@ -230,29 +236,26 @@ class Framer:
         data = bytes(self._held_buf)
         self._held = False
         self._held_buf = bytearray()
-        out: list[bytes] = []
         # The held message is complete at the start of `data` (it was INSPECT or HEAD).
         length = int.from_bytes(data[1:5], "big")
         end = 1 + length
+        out: Chunks
         if verdict is None:
             if end <= len(data):
-                out.append(data[:end])
+                out = data[:end]
             else:  # a HEAD message held before all of it arrived
-                out.append(data)
                 self._stream_left = end - len(data)
-                return out
+                return [data]
         else:
-            out.append(verdict)
+            out = verdict
             if end > len(data):
                 # Swallow the rest of a replaced message that is still arriving.
                 self._drop_left = end - len(data)
-                return out
-        self._scan(data[end:], out)
-        return out
+                return [verdict]
+        return _as_list(self._scan(data[end:], out))
 
-    # `out: list[bytes]`; spelled `list` because Cython compiles this module with framing.pxd,
-    # whose C signature a subscripted annotation would not match.
-    def _scan(self, data: bytes, out: list) -> None:  # type: ignore[type-arg]
+    def _scan(self, data: bytes, out: Chunks) -> Chunks:
+        """Frame `data`; returns `out` with what to write after it (_add)."""
         # The hot loop of the relay: locals only, no slicing until a run of unchanged bytes is
         # written out. Compiled (framing.pxd), it touches no Python object but the callbacks.
         if self._later_end:  # messages of an earlier feed() not called back yet: they come first
@@ -306,19 +309,38 @@ class Framer:
                 pos = end
                 continue
             if pos > flushed:
-                out.append(data[flushed:pos])
+                out = _add(out, data[flushed:pos])
             if verdict is HOLD:
                 self._held = True
                 self._held_buf += data[pos:]
-                return
-            out.append(verdict)
+                return out
+            out = _add(out, cast(bytes, verdict))  # replacement bytes (HOLD returned above)
             if end > n:  # a replaced HEAD message: swallow the rest as it arrives
                 self._drop_left = end - n
-                return
+                return out
             pos = flushed = end
         if pos > flushed:  # (all of it, the usual case: the bytes object itself, no slice)
-            out.append(data if flushed == 0 and pos == n else data[flushed:pos])
+            out = _add(out, data if flushed == 0 and pos == n else data[flushed:pos])
         if pos < n:
             if pos + 5 > n:
                 self._need = 5
             self._buf = bytearray(data[pos:])
+        return out
+
+
+def _add(out: Chunks, chunk: bytes) -> Chunks:
+    """`out` and then `chunk`: a list only from the second chunk on."""
+    if out is None:
+        return chunk
+    if type(out) is list:
+        out.append(chunk)
+        return out
+    return [out, chunk]  # type: ignore[list-item]
+
+
+def _as_list(out: Chunks) -> list[bytes]:
+    if out is None:
+        return []
+    if type(out) is list:
+        return out
+    return [out]  # type: ignore[list-item]

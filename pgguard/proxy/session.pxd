@@ -117,12 +117,16 @@ cdef class Session:
     cdef public dict _params
     cdef public str _encoding
     cdef public _Fifo _fifo
-    cdef public list _done
+    cdef public _Fifo _done
+    cdef public TallyHistogram _histogram
+    cdef public AuditSink _audit
     cdef public dict _statements
     cdef public object _stmt_epoch
     cdef public set _stale
     cdef public dict _portals
     cdef public set _running
+    cdef public object _unnamed
+    cdef public bint _unnamed_running
     cdef public bytes _bind_name
     cdef public dict _allowed
     cdef public _Allowed _last_allowed
@@ -157,5 +161,6 @@ cdef class Session:
                    marked=_Marked)
     cpdef object _on_server_frame(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end)
     cpdef void _finished(self, _Tracked t) except *
-    @cython.locals(t=_Tracked, histogram=TallyHistogram, audit=AuditSink)
+    cpdef void _set_running(self, bytes portal, bint running) except *
+    @cython.locals(t=_Tracked, histogram=TallyHistogram, audit=AuditSink, done=_Fifo)
     cpdef void _report_done(self) except *

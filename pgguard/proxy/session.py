@@ -403,7 +403,11 @@ class Session:
         self._params: dict[str, str] = {}
         self._encoding = "utf-8"
         self._fifo = _Fifo()  # of _Entry
-        self._done: list[_Tracked] = []  # answered, not yet reported (see _finished)
+        self._done = _Fifo()  # of _Tracked: answered, not yet reported (see _finished)
+        # Where an answered statement is reported (set by app.py before sessions start): the
+        # pgguard_statement_seconds histogram and the audit sink; None: not reported.
+        self._histogram = ctx.statement_seconds
+        self._audit = ctx.audit_sink
         # prepared statement name → (SQL text or None, its classification)
         self._statements: dict[bytes, tuple[str | None, Classification]] = {}
         # The classifier epoch (rules, catalog) the statements were classified under, and the
@@ -412,8 +416,13 @@ class Session:
         self._stale: set[bytes] = set()
         # portal → (SQL text, classification) of the statement it was bound to: a snapshot, so
         # re-parsing the statement name later cannot change what the portal is decided on.
+        # The unnamed portal, which most clients use for every statement, is kept in two
+        # fields instead (no dict or set operation per statement): its snapshot (None: none
+        # bound) and whether its first Execute was forwarded.
         self._portals: dict[bytes, tuple[str | None, Classification]] = {}
         self._running: set[bytes] = set()  # portals whose first Execute was forwarded
+        self._unnamed: tuple[str | None, Classification] | None = None
+        self._unnamed_running = False
         self._bind_name = b""  # the statement name of the last Bind (only saves a slice)
         # Verdicts that depend on nothing but the classification, by the id of the (cached,
         # shared) Classification object.
@@ -529,10 +538,10 @@ class Session:
     def client_data(self, data: bytes) -> None:
         try:
             if self.state >= AUTH:
-                out = self._cframer.feed(data)
-                if out and self.server is not None:
-                    if len(out) == 1:  # the common case: one slice, one write
-                        self.server.write(out[0])
+                out = self._cframer.relay(data)
+                if out is not None and self.server is not None:
+                    if isinstance(out, bytes):  # the common case: one slice, one write
+                        self.server.write(out)
                     else:
                         self.server.writelines(out)
                 if self._cframer._held:  # Framer.holding, read as a C field when compiled
@@ -633,8 +642,12 @@ class Session:
                 prepared = (None, self._sql_prepared(stmt))
             elif self._stmt_epoch is not self._cache.epoch:  # changes only with a reload
                 prepared = self._reclassified(stmt, prepared)
-            self._portals[portal] = prepared
-            self._running.discard(portal)
+            if portal:
+                self._portals[portal] = prepared
+                self._running.discard(portal)
+            else:
+                self._unnamed = prepared
+                self._unnamed_running = False
             fifo.append(_E_BIND)
         elif typ == 0x45:  # Execute: portal name, NUL, row limit (int32)
             nul = end - 5
@@ -643,9 +656,9 @@ class Session:
             portal = buf[start + 5 : nul] if nul > start + 5 else b""
             if portal and b"\0" in portal:
                 raise ProtocolError("malformed Execute")
-            running = self._running
-            if portal not in running:  # later Executes of a running portal continue
-                snap = self._portals.get(portal)
+            if not (portal in self._running if portal else self._unnamed_running):
+                # (later Executes of a running portal continue)
+                snap = self._portals.get(portal) if portal else self._unnamed
                 if snap is None:
                     # Not bound by this client: a SQL cursor (DECLARE, or a refcursor a
                     # function returned). Decide on what we know of it, else as unknown.
@@ -689,9 +702,12 @@ class Session:
             if kind == 0x53:
                 self._statements.pop(name, None)
                 self._facts.forget_prepared(name.decode("utf-8", "replace"))
-            else:
+            elif name:
                 self._portals.pop(name, None)
                 self._running.discard(name)
+            else:
+                self._unnamed = None
+                self._unnamed_running = False
             fifo.append(_E_CLOSE)
         elif typ in (0x63, 0x66):  # CopyDone, CopyFail
             self._client_copy_open = False
@@ -833,7 +849,7 @@ class Session:
         """The message is replaced by the poison; its ErrorResponse will be pgguard's."""
         self._fifo.append(_Marked(kind, error))
         if portal is not None:
-            self._running.discard(portal)  # its next Execute is decided again
+            self._set_running(portal, False)  # its next Execute is decided again
 
     def _forwarded(self, kind: int, c: Classification, decision: str, rule: str | None,
                    stepup_event: object | None, text: str | None,
@@ -842,7 +858,7 @@ class Session:
         cached verdict, if that decided it."""
         t = _track(kind, c, decision, rule, stepup_event)
         if portal is not None:
-            self._running.add(portal)
+            self._set_running(portal, True)
         if allowed is not None:
             t.family = allowed.family
             if allowed.plain:  # nothing to record (no session change, no SET)
@@ -862,6 +878,15 @@ class Session:
             self._encoding = "unknown"
             self._facts.standard_conforming_strings = False
         self._fifo.append(t)
+
+    def _set_running(self, portal: bytes, running: bool) -> None:
+        """Whether the portal's first Execute was forwarded (then its next ones continue)."""
+        if not portal:
+            self._unnamed_running = running
+        elif running:
+            self._running.add(portal)
+        else:
+            self._running.discard(portal)
 
     def _sql_prepared(self, name: bytes) -> Classification:
         classes = self._facts.prepared.get(name.decode("utf-8", "replace"))
@@ -883,6 +908,7 @@ class Session:
                 self._statements = {k: v for k, v in self._statements.items() if not k}
         self._facts.apply(c.session_changes)
         self._running.clear()
+        self._unnamed_running = False
 
     def _parse_failed(self, name: bytes) -> None:
         """The server refused or skipped this Parse: the name keeps whatever it meant before,
@@ -1013,10 +1039,10 @@ class Session:
 
     def server_data(self, data: bytes) -> None:
         try:
-            out = self._sframer.feed(data)
-            if out and self.client is not None:
-                if len(out) == 1:
-                    self.client.write(out[0])
+            out = self._sframer.relay(data)
+            if out is not None and self.client is not None:
+                if isinstance(out, bytes):
+                    self.client.write(out)
                 else:
                     self.client.writelines(out)
             self._sframer.run_later()  # the FIFO, rows, status: after the client has the reply
@@ -1133,10 +1159,10 @@ class Session:
         self._done.append(t)
 
     def _report_done(self) -> None:
-        done = self._done  # emptied, not replaced: no new list per reply
-        histogram, audit = self.ctx.statement_seconds, self.ctx.audit_sink
+        done, histogram, audit = self._done, self._histogram, self._audit
         try:
-            for t in done:
+            while done:
+                t = done.popleft()
                 if histogram is not None:
                     histogram.observe(t.started)
                 if audit is None:
@@ -1148,7 +1174,8 @@ class Session:
                                          t.classification, t.decision, t.rule, t.started,
                                          t.rows, t.error, t.stepup_event)
         finally:
-            done.clear()
+            if done:  # only after an exception: the rest is not reported
+                done.clear()
 
     def _on_server_startup_frame(self, typ: int, buf: bytes, start: int, end: int) -> bytes | None:
         if typ == 0x52:  # Authentication*

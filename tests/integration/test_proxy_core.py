@@ -471,3 +471,30 @@ def test_execute_of_sql_cursor_is_decided(pg, proxy_factory):
         (err,) = errors(msgs)
         assert err["C"] == "42501" and "unknown" in err["M"], err
         assert msgs[-1] == ("Z", b"E")  # the server's own state: the transaction failed
+
+
+def test_unnamed_portal_closed_then_executed_is_decided_as_unknown(pg, proxy_factory):
+    """The unnamed portal is tracked on its own (not in the portal map): a Close of it forgets
+    it, so an Execute after that is decided as unknown, as for any portal never bound; a
+    portal suspended by a row limit runs on without a new decision."""
+    proxy = proxy_factory(pg, {"roles": {"readers": {"users": ["*"], "allow": ["read", "tx"]}}})
+    select = b"SELECT g FROM generate_series(1, 3) g"
+
+    def frame(typ: bytes, body: bytes) -> bytes:
+        return typ + struct.pack("!i", len(body) + 4) + body
+
+    bind = frame(b"B", b"\0\0" + struct.pack("!hhh", 0, 0, 0))  # unnamed portal and statement
+    close_portal = frame(b"C", b"P\0")
+    with connect_raw(proxy) as s:
+        md5_login(s)
+        s.sendall(m.query("BEGIN") + m.parse(b"", select) + bind + m.execute(b"", 2)
+                  + m.execute(b"", 0) + m.sync())
+        msgs: list[tuple[str, bytes]] = []
+        while [t for t, _ in msgs].count("Z") < 2:
+            msgs += read_messages(s)
+        assert [t for t, _ in msgs if t in "DsCE"] == ["C", "D", "D", "s", "D", "C"], msgs
+        s.sendall(bind + close_portal + m.execute(b"") + m.sync())
+        msgs = read_messages(s)
+        (err,) = errors(msgs)
+        assert err["C"] == "42501" and "unknown" in err["M"], err
+        assert msgs[-1] == ("Z", b"E")

@@ -192,6 +192,19 @@ def test_streamed_chunks_are_the_input_objects() -> None:
     assert out is chunk  # forwarded without a copy
 
 
+def test_relay_gives_one_slice_as_it_is_and_several_as_a_list() -> None:
+    # relay() is feed() without the list for the usual single slice (the session writes it).
+    f = Framer(CLIENT_TABLE, Recorder())
+    assert f.relay(STREAM) is STREAM
+    assert f.relay(b"") is None
+    assert f.relay(STREAM[:3]) is None  # a partial header: nothing to write yet
+    assert f.relay(STREAM[3:]) == STREAM
+    before, bad, after = m.query("SELECT 1"), m.query("DROP TABLE t"), m.sync()
+    poison = m.query("POISON")
+    f = Framer(CLIENT_TABLE, Recorder(_replace_query(poison)))
+    assert f.relay(before + bad + after) == [before, poison, after]
+
+
 # -- INSPECT and HEAD ----------------------------------------------------------------------------
 
 
