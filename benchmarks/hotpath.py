@@ -89,7 +89,10 @@ async def _run(policy: str, counts: list[int]) -> list[float]:
             app.audit.start()
         app._wire_observers()
         session = Session(app.ctx, "127.0.0.1", False)
-        session.client = session.server = _Transport()  # type: ignore[assignment]
+        for side in ("client", "server"):  # as client_connected() and the upstream set them
+            transport = _Transport()
+            setattr(session, side, transport)
+            setattr(session, f"_write_{side}", transport.write)
         session.state, session.user, session.database = STATES["ready"], "app", "app"
         session._sframer.set_table(SERVER_READY_TABLE)  # as the server's first ReadyForQuery does
         app.ctx.session_ready(session)

@@ -43,6 +43,7 @@ cdef class _Fifo:
     @cython.locals(first=Py_ssize_t)
     cpdef object popleft(self)
     cpdef void clear(self) except *
+    cpdef bint nonempty(self)
 
 
 @cython.final
@@ -105,6 +106,8 @@ cdef class Session:
     cdef public int state
     cdef public object client
     cdef public object server
+    cdef public object _write_client
+    cdef public object _write_server
     cdef public bytes txn_status
     cdef public object done
     cdef public bytes _startup_buf

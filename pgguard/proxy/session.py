@@ -118,6 +118,10 @@ _UNDECODABLE = Classification(
     redacted_sql="<undecodable>", reason="the statement is not valid in the client encoding")
 
 
+def _not_connected(data: bytes) -> None:
+    raise RuntimeError("no transport to write to")
+
+
 def new_session_id() -> str:
     """12 characters of [a-z0-9]: 62 bits of randomness (DESIGN §6)."""
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
@@ -175,6 +179,10 @@ class _Fifo:
     def clear(self) -> None:
         self._items = []
         self._first = self._end = 0
+
+    def nonempty(self) -> bool:
+        """bool(fifo), as a C call when compiled (bool() goes through the type's slot)."""
+        return self._end > self._first
 
     def __len__(self) -> int:
         return self._end - self._first
@@ -391,6 +399,9 @@ class Session:
         self.state = STARTUP
         self.client: asyncio.Transport | None = None
         self.server: asyncio.Transport | None = None
+        # Their write methods, bound when each is set (the relay writes with them).
+        self._write_client: Callable[[bytes], object] = _not_connected
+        self._write_server: Callable[[bytes], object] = _not_connected
         self.txn_status = b"I"
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._startup_buf = b""
@@ -455,6 +466,7 @@ class Session:
 
     def client_connected(self, transport: asyncio.Transport) -> None:
         self.client = transport
+        self._write_client = transport.write  # per reply: not looked up by name each time
         loop = asyncio.get_running_loop()
         self._startup_timer = loop.call_later(self.ctx.config.limits.startup_timeout,
                                               self._startup_timed_out)
@@ -541,7 +553,7 @@ class Session:
                 out = self._cframer.relay(data)
                 if out is not None and self.server is not None:
                     if isinstance(out, bytes):  # the common case: one slice, one write
-                        self.server.write(out)
+                        self._write_server(out)
                     else:
                         self.server.writelines(out)
                 if self._cframer._held:  # Framer.holding, read as a C field when compiled
@@ -614,6 +626,7 @@ class Session:
             transport.close()
             return
         self.server = transport
+        self._write_server = transport.write
         self.state = AUTH
         transport.write(startup)
         pending, self._pending_client = self._pending_client, b""
@@ -1042,11 +1055,11 @@ class Session:
             out = self._sframer.relay(data)
             if out is not None and self.client is not None:
                 if isinstance(out, bytes):
-                    self.client.write(out)
+                    self._write_client(out)
                 else:
                     self.client.writelines(out)
             self._sframer.run_later()  # the FIFO, rows, status: after the client has the reply
-            if self._done:
+            if self._done.nonempty():
                 self._report_done()
         except ClientRefused as exc:
             self.close(m.error_response(exc.sqlstate, exc.message, severity="FATAL",
@@ -1068,7 +1081,7 @@ class Session:
         fifo = self._fifo
         if typ == 0x5A:  # ReadyForQuery: pops through the Sync or Query it answers
             self.txn_status = _BYTES[buf[start + 5]]
-            while fifo:
+            while fifo.nonempty():
                 e = fifo.popleft()
                 if type(e) is _Tracked:
                     self._finished(e)
@@ -1080,10 +1093,10 @@ class Session:
             if self._settle_at_z:
                 self._settle_at_z = False
                 self._encoding_settled()
-            if self._shutting_down and not fifo and self.txn_status == b"I":
+            if self._shutting_down and not fifo.nonempty() and self.txn_status == b"I":
                 asyncio.get_running_loop().call_soon(self._shutdown_if_idle)
             return FORWARD
-        if not fifo:
+        if not fifo.nonempty():
             if typ == 0x53:
                 self._track_parameter(buf, start, end)
             return FORWARD
@@ -1161,7 +1174,7 @@ class Session:
     def _report_done(self) -> None:
         done, histogram, audit = self._done, self._histogram, self._audit
         try:
-            while done:
+            while done.nonempty():
                 t = done.popleft()
                 if histogram is not None:
                     histogram.observe(t.started)

@@ -102,7 +102,7 @@ def test_fifo_behaves_as_a_deque(module: ModuleType, ops: list[tuple[str, int | 
         else:
             getattr(fifo, op)(value)
             getattr(want, op)(value)
-        assert len(fifo) == len(want) and bool(fifo) == bool(want)
+        assert len(fifo) == len(want) and bool(fifo) == bool(want) == fifo.nonempty()
         assert list(fifo) == list(want)
 
 
