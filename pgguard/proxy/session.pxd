@@ -80,6 +80,7 @@ cdef class _Marked(_Entry):
 
 
 @cython.no_gc  # it refers to nothing that refers back to it: not tracked by the collector
+@cython.freelist(16)  # one or a few per statement: reused, not allocated each time
 cdef class _Tracked(_Entry):
     cdef public object classification
     cdef public object decision
