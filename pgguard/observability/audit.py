@@ -565,8 +565,9 @@ class AuditSink:
         # (template parts, duration, rows, ts), so that a waiting event is no object of its
         # own for the garbage collector to count and visit. Chaining them (`_drain`) comes
         # before any other event's. No lock: emitters only extend this one list by one event
-        # (atomic under the GIL), and `_drain` takes the events it has seen off its front
-        # (two atomic steps), so none is lost, split or taken twice.
+        # (one list.extend of a tuple: atomic under the GIL, and all or nothing should it fail),
+        # and `_drain` takes the events it has seen off its front (two atomic steps), so none
+        # is lost, split or taken twice.
         self._deferred: list[Any] = []
         # The writer found nothing last time and waits for a _WAKE (the next emitter sends
         # one): prompt writes when events are few, no wake-ups when they are many.
@@ -752,8 +753,9 @@ class AuditSink:
             return
         ts = self._clock()
         if self._dropped_total == self._dropped_chained:
-            self._deferred.extend((parts, duration, rows, ts))
-            # After the append: a writer that is going idle looks at the list again after it
+            event = (parts, duration, rows, ts)  # one extend: all four items or none
+            self._deferred.extend(event)
+            # After the extend: a writer that is going idle looks at the list again after it
             # says so (_run), so either it sees this event or this sees it idle.
             if self._idle:
                 self._idle = False

@@ -24,9 +24,10 @@ cdef class Framer:
     cdef public Py_ssize_t _drop_left
     cdef public bint _held
     cdef public bytearray _held_buf
-    cdef public bytes _later_buf
-    cdef public Py_ssize_t _later_start
-    cdef public Py_ssize_t _later_end
+    # read without index checks when compiled: set only by the framer itself
+    cdef readonly bytes _later_buf
+    cdef readonly Py_ssize_t _later_start
+    cdef readonly Py_ssize_t _later_end
     cdef readonly bytes _later_table
 
     @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, flushed=Py_ssize_t, length=Py_ssize_t,
