@@ -8,6 +8,7 @@ cimport cython
 from pgguard.observability.audit cimport AuditSink
 from pgguard.observability.tally cimport Tally, TallyHistogram
 from pgguard.protocol.framing cimport FrameHandler, Framer
+from pgguard.proxy._clock cimport monotonic
 
 # Module constants as C integers (not looked up, not boxed, where they are compared).
 cdef int K_QUERY, K_PARSE, K_BIND, K_EXEC, K_SYNC, K_CLOSE, K_DESCRIBE_S, K_DESCRIBE_P

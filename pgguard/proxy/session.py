@@ -21,7 +21,6 @@ import contextlib
 import re
 import secrets
 import string
-import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -43,6 +42,7 @@ from pgguard.protocol.framing import (
 from pgguard.protocol.framing import (
     Verdict as FrameVerdict,
 )
+from pgguard.proxy._clock import monotonic
 from pgguard.proxy.guard import Allow, NeedStepUp, Refuse, Verdict
 from pgguard.proxy.holds import HoldOutcome, hold_hint
 from pgguard.proxy.startup import check_startup
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
     from pgguard.proxy.server import ProxyContext
 
 log = structlog.get_logger("pgguard.session")
-_monotonic = time.monotonic  # per statement: one global, not a module attribute
 
 __all__ = ["Session", "fatal_shutdown", "new_session_id"]
 
@@ -268,7 +267,7 @@ def _track(kind: int, c: Classification, decision: str, rule: str | None,
     t.decision = decision
     t.rule = rule
     t.stepup_event = stepup_event
-    t.started = _monotonic()
+    t.started = monotonic()
     t.rows = None
     t.error = None
     t.resets_encoding = False
@@ -1168,7 +1167,7 @@ class Session:
         that bookkeeping is not in the client's round trip."""
         if t.resets_encoding:
             self._settle_at_z = True  # the server reports changed settings just before Z
-        t.started = _monotonic() - t.started
+        t.started = monotonic() - t.started
         self._done.append(t)
 
     def _report_done(self) -> None:

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 import pgguard.observability.audit as compiled_audit
 import pgguard.observability.tally as compiled_tally
 import pgguard.protocol.framing as compiled_framing
+import pgguard.proxy._clock as compiled_clock
 import pgguard.proxy.session as session_module
 from pgguard.classify import PiiRules, classify
 from pgguard.errors import ProtocolError
@@ -59,7 +60,7 @@ PURE_TALLY = _pure(compiled_tally)
 @pytest.fixture(autouse=True)
 def _compiled_build() -> None:
     missing = [mod.__name__ for mod in (compiled_framing, session_module, compiled_audit,
-                                        compiled_tally) if not _is_compiled(mod)]
+                                        compiled_tally, compiled_clock) if not _is_compiled(mod)]
     if compiled_audit._CStatementLines is None:
         missing.append("pgguard.observability._auditline")
     if missing and os.environ.get("CI"):
@@ -67,6 +68,18 @@ def _compiled_build() -> None:
                     "and, for the audit line, OpenSSL's headers)")
     if missing:
         pytest.skip(f"pure Python install: {', '.join(missing)} not compiled")
+
+
+def test_c_clock_is_time_monotonic() -> None:
+    """The session's C clock (_clock.pyx) reads the clock time.monotonic() reads: a reading
+    taken between two of time.monotonic() lies between them."""
+    import time
+
+    for _ in range(1000):
+        before = time.monotonic()
+        reading = compiled_clock.monotonic()
+        after = time.monotonic()
+        assert before <= reading <= after
 
 
 def msg(tag: int, body: bytes) -> bytes:
