@@ -363,6 +363,10 @@ class App:
         self.ctx.guard_epoch += 1
         self.ctx.hold_timeout = new.hold_timeout
         self.ctx.classifier.update(rules=new.pii_rules)
+        if self.ctx.catalog_classifier is not None:
+            # The new rules apply now, not once the catalog has loaded again: that load may
+            # fail (it keeps the old snapshot then), and must not keep the old rules with it.
+            self.ctx.catalog_classifier.update(rules=new.pii_rules)
         self._spawn(self._load_catalog())  # SIGHUP also refreshes the catalog snapshot
         self.metrics.policy_reloads["ok"].inc()
         log.info("policy.reloaded", changed=list(result.changed))

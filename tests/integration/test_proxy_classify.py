@@ -130,3 +130,31 @@ def test_catalog_unreachable_makes_readyz_fail(pg18, proxy_factory):
     assert "catalog" in json.loads(e.value.read())["reason"]
     assert "catalog.load_failed" in proxy.log()
     assert "secret" not in proxy.log()  # the DSN's password is not logged
+
+
+def test_reloaded_pii_rules_apply_on_the_catalog_database_when_its_catalog_fails(pg18,
+                                                                                proxy_factory):
+    """SIGHUP with a new PII rule: sessions on the catalog database classify with it at once,
+    cached classifications included, not only once the catalog has loaded again (here it
+    cannot: the reloaded catalog.dsn points at no server, so the old snapshot is kept)."""
+    import json
+
+    from pgguard.localpg import free_port
+
+    pg18.psql(SCHEMA, dbname="app")
+    dsn = f"postgresql://app:secret@127.0.0.1:{pg18.port}/app"
+    proxy = proxy_factory(pg18, {**POLICY, "catalog": {"dsn": dsn, "refresh": "1h"}})
+    with psycopg.connect(proxy.dsn(), autocommit=True) as c:
+        for _ in range(2):  # the second time from the classification cache
+            assert _outcome(c, "SELECT note FROM cat.people") == "ran"
+        config = json.loads(proxy.config_path.read_text())
+        config["pii"] = {"tables": {"cat.people": ["email", "note"]}}
+        config["catalog"]["dsn"] = f"postgresql://app:secret@127.0.0.1:{free_port()}/app"
+        proxy.config_path.write_text(json.dumps(config))
+        proxy.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "catalog.load_failed" not in proxy.log():
+            assert time.monotonic() < deadline, proxy.log()
+            time.sleep(0.2)
+        assert "policy.reloaded" in proxy.log()
+        assert "may not run pii" in _denied(c, "SELECT note FROM cat.people")
