@@ -13,6 +13,7 @@ COMPILED_SOURCES := setup.py pgguard/protocol/framing.py pgguard/protocol/framin
 	pgguard/observability/audit.py pgguard/observability/audit.pxd \
 	pgguard/observability/_auditline.pyx pgguard/observability/tally.py \
 	pgguard/proxy/_clock.pyx pgguard/proxy/_clock.pxd pgguard/proxy/_clock.py \
+	pgguard/proxy/_io.pyx pgguard/proxy/_io.pxd pgguard/proxy/_io.py \
 	pgguard/observability/tally.pxd
 
 $(STAMP): pyproject.toml $(COMPILED_SOURCES)

@@ -7,8 +7,9 @@ framer's scan loop, the session, the audit sink and the per-statement metrics as
 types. Two helpers exist only in C: `_auditline.pyx` writes the usual statement event's line
 with OpenSSL's SHA-256 (it needs OpenSSL's headers, libssl-dev); audit.py has the same code in
 Python and uses it without the helper. `proxy/_clock.pyx` is the monotonic clock as a C
-function, which the compiled session calls (`_clock.py` is the same clock for pure Python; it
-needs nothing but libc, so it builds whenever the session does). Each extension is optional: without a C compiler (or
+function, which the compiled session calls (`_clock.py` is the same clock for pure Python), and
+`proxy/_io.pyx` the session's send() of a reply straight to a socket (`_io.py` likewise); they
+need nothing but libc, so they build whenever the session does. Each extension is optional: without a C compiler (or
 with PGGUARD_PURE_PYTHON=1) pgguard installs and runs as pure Python, only slower.
 `pgguard run` logs which one it runs (`proxy.listening`, `compiled`).
 """
@@ -35,6 +36,7 @@ def extensions() -> list[Extension]:
                for path in COMPILED]
     modules.append(Extension("pgguard.proxy._clock", ["pgguard/proxy/_clock.pyx"],
                              optional=True))
+    modules.append(Extension("pgguard.proxy._io", ["pgguard/proxy/_io.pyx"], optional=True))
     modules.append(Extension("pgguard.observability._auditline",
                              ["pgguard/observability/_auditline.pyx"], libraries=["crypto"],
                              define_macros=[("OPENSSL_SUPPRESS_DEPRECATED", None)],

@@ -360,7 +360,7 @@ class App:
         new = result.config
         self.config = new
         self.ctx.config = new
-        self.ctx.guard_epoch += 1
+        self.ctx.policy_changed()
         self.ctx.hold_timeout = new.hold_timeout
         self.ctx.classifier.update(rules=new.pii_rules)
         if self.ctx.catalog_classifier is not None:

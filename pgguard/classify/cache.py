@@ -34,7 +34,7 @@ class ClassificationCache:
     """One per process (or per database of `catalog.dsn`), shared by all sessions; owned by the
     composition root. Not thread-safe: call it from the event loop thread."""
 
-    __slots__ = ("_catalog", "_chars", "_entries", "_rules", "epoch", "hits", "max_chars",
+    __slots__ = ("_catalog", "_chars", "_entries", "_rules", "epoch_cell", "hits", "max_chars",
                  "max_entries", "max_sql_bytes", "misses")
 
     def __init__(self, rules: PiiRules, catalog: CatalogSnapshot | None = None, *,
@@ -42,9 +42,10 @@ class ClassificationCache:
                  max_sql_bytes: int | None = None) -> None:
         self._rules = rules
         self._catalog = catalog
-        # (rules version, catalog version): a plain attribute, read at every Bind; only
-        # update() changes rules and catalog, and it sets this again.
-        self.epoch = _epoch(rules, catalog)
+        # [(rules version, catalog version)]: the epoch in a one-item list that sessions keep
+        # and read at every Bind (a C list read when compiled, where an attribute of this
+        # object is a lookup); only update() changes rules and catalog, and it sets it again.
+        self.epoch_cell = [_epoch(rules, catalog)]
         self.max_entries = max_entries
         self.max_chars = max_chars
         self.max_sql_bytes = max_sql_bytes
@@ -52,6 +53,12 @@ class ClassificationCache:
         self.misses = 0
         self._entries: OrderedDict[_Key, Classification] = OrderedDict()
         self._chars = 0
+
+    @property
+    def epoch(self) -> tuple[str, str]:
+        """The rules and catalog versions; a new object only when they change (compare by
+        `is`)."""
+        return self.epoch_cell[0]
 
     @property
     def rules(self) -> PiiRules:
@@ -71,7 +78,7 @@ class ClassificationCache:
             self._catalog = catalog
         epoch = _epoch(self._rules, self._catalog)
         if epoch != self.epoch:  # a new object only when it changes: sessions compare by `is`
-            self.epoch = epoch
+            self.epoch_cell[0] = epoch
             self.clear()
             return True
         return False

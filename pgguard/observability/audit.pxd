@@ -6,6 +6,8 @@
 # or the compiled build fails.
 cimport cython
 
+cdef double WALL_OFFSET_SECONDS  # a C constant where _wall() compares it
+
 
 cdef class _Durations:
     cdef public dict _cache
@@ -53,14 +55,19 @@ cdef class AuditSink:
     cdef public object _size
     cdef public object last_error
     cdef public Py_ssize_t _max_pending
+    cdef public double _wall_offset
+    cdef public double _offset_at
 
     cdef bint _refused(self) except -1
-    cpdef void emit_usual(self, tuple parts, object duration, object rows) except *
+    cpdef void emit_usual(self, tuple parts, object duration, object rows,
+                          double now=*) except *
+    @cython.locals(at=double, wall=double)
+    cdef double _wall(self, double mono) except? -1.0
     @cython.locals(parts=tuple, hit=tuple)
     cpdef void emit_statement(self, object session, object user, object client_addr,
                               object classification, object decision, object rule,
                               object duration, object rows=*, object error=*,
-                              object stepup_event=*) except *
+                              object stepup_event=*, double now=*) except *
     @cython.locals(parts=tuple, hit=tuple, has_rows=bint, has_error=bint, has_stepup=bint,
                    body=bytes)
     cpdef bytes _chain_statement(self, object ts, tuple args)

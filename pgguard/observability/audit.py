@@ -47,6 +47,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -354,6 +355,7 @@ class EventRef:
 
 
 LINGER_SECONDS = 0.05  # how often the writer thread looks for new lines while busy
+WALL_OFFSET_SECONDS = 0.05  # how long a measured wall-clock offset is used (AuditSink._wall)
 
 _RESERVED = frozenset({"id", "ts", "event", "prev", "hash", "_ref"})
 _PLAIN = frozenset({str, int, bool, type(None)})
@@ -572,6 +574,8 @@ class AuditSink:
         # The writer found nothing last time and waits for a _WAKE (the next emitter sends
         # one): prompt writes when events are few, no wake-ups when they are many.
         self._idle = False
+        self._wall_offset = 0.0  # _clock() - time.monotonic(), measured at _offset_at (_wall)
+        self._offset_at = -math.inf
         self._healthy = True
         self._errors = 0
         self._closed = False
@@ -719,11 +723,11 @@ class AuditSink:
     def emit_statement(self, session: str, user: str, client_addr: str, classification: Any,
                        decision: str, rule: str | None, duration: float,
                        rows: int | None = None, error: str | None = None,
-                       stepup_event: Any = None) -> None:
+                       stepup_event: Any = None, now: float = -1.0) -> None:
         """The `statement` event of a forwarded statement, at completion: what `emit(STATEMENT,
         ...)` writes, for the hot path: no dict, no EventRef, and the line joined from the
         parts of a template made once per classification and session (`_Templates`). The
-        usual one (rows, no error, no step-up) goes to `emit_usual`."""
+        usual one (rows, no error, no step-up) goes to `emit_usual`. `now`: as there."""
         if rows is not None and error is None and stepup_event is None:
             hit = self._templates.cache.get((id(classification), session, user, client_addr,
                                              decision, rule, True, False, False))
@@ -731,11 +735,11 @@ class AuditSink:
                 self._templates.get(self, classification, session, user, client_addr,
                                     decision, rule, True, False, False)
             if parts is not None:
-                self.emit_usual(parts, duration, rows)
+                self.emit_usual(parts, duration, rows, now)
                 return
         if self._refused():
             return
-        self._chain_now(self._clock(), (session, user, client_addr, classification, decision,
+        self._chain_now(self._clock() if now < 0.0 else self._wall(now), (session, user, client_addr, classification, decision,
                                         rule, duration, rows, error, stepup_event), None)
 
     def usual_template(self, session: str, user: str, client_addr: str, classification: Any,
@@ -746,12 +750,16 @@ class AuditSink:
         return self._templates.get(self, classification, session, user, client_addr, decision,
                                    rule, True, False, False)
 
-    def emit_usual(self, parts: tuple[bytes, ...], duration: float, rows: int) -> None:
+    def emit_usual(self, parts: tuple[bytes, ...], duration: float, rows: int,
+                   now: float = -1.0) -> None:
         """emit_statement() of a usual statement event, from its template (`usual_template`):
-        only noted here (template, values, time) and chained later, in order (`_drain`)."""
+        only noted here (template, values, time) and chained later, in order (`_drain`).
+        `now`: the time.monotonic() reading at which the statement finished, when the caller
+        has one (the session does): its `ts` is then that moment on the wall clock (`_wall`),
+        with no clock read here."""
         if self._refused():
             return
-        ts = self._clock()
+        ts = self._clock() if now < 0.0 else self._wall(now)
         if self._dropped_total == self._dropped_chained:
             event = (parts, duration, rows, ts)  # one extend: all four items or none
             self._deferred.extend(event)
@@ -762,6 +770,22 @@ class AuditSink:
                 self._queue.put(_WAKE)
             return
         self._chain_now(ts, None, (parts, duration, rows))  # after the audit.gap of the drops
+
+    def _wall(self, mono: float) -> float:
+        """The wall-clock time (`_clock`) of a time.monotonic() reading taken lately: the
+        reading plus the offset between the two clocks, measured again once it is older than
+        WALL_OFFSET_SECONDS. Both clocks advance at the same rate (NTP slews both), so the
+        offset changes only when the wall clock is set: a `ts` follows that within
+        WALL_OFFSET_SECONDS. One clock read per statement fewer on the event loop."""
+        # (A reading may be a little older than the measurement: statements that finished in
+        # one read of the server's replies are reported after it.)
+        if not -WALL_OFFSET_SECONDS < mono - self._offset_at < WALL_OFFSET_SECONDS:
+            at = time.monotonic()
+            wall = self._clock()
+            at = (at + time.monotonic()) / 2  # the wall clock was read between these two
+            self._wall_offset = wall - at
+            self._offset_at = at
+        return mono + self._wall_offset
 
     def _refused(self) -> bool:
         """A statement event is not queued when the sink is closed, or dropped (counted, the

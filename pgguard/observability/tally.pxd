@@ -10,7 +10,7 @@ cdef class Tally:
 
 cdef class TallyHistogram:
     cdef public tuple bounds
-    cdef public list counts
+    cdef long long[::1] _counts
     cdef public double sum
 
     @cython.locals(i=Py_ssize_t, bound=double)

@@ -8,6 +8,7 @@ this module (tally.pxd: extension types, `observe` a C loop), as it runs once pe
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 
 from prometheus_client.utils import floatToGoString
@@ -32,12 +33,19 @@ class Tally:
 class TallyHistogram:
     """A histogram without a lock: one bucket count and the sum per observation."""
 
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("_counts", "bounds", "sum")
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = tuple(float(b) for b in sorted(bounds))
-        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        # Machine integers, the last one +Inf: compiled, a C array (tally.pxd), so counting
+        # makes no int object; 2**63 statements are out of reach.
+        self._counts = array("q", bytes(8 * (len(self.bounds) + 1)))
         self.sum = 0.0
+
+    @property
+    def counts(self) -> list[int]:
+        """The count of each bucket (not cumulative), the last one +Inf."""
+        return list(self._counts)
 
     def observe(self, amount: float) -> None:
         # The first bucket whose upper bound is >= amount (le: bounds are inclusive), else
@@ -48,7 +56,7 @@ class TallyHistogram:
             if amount <= bound:
                 break
             i += 1
-        self.counts[i] += 1
+        self._counts[i] += 1
         self.sum += amount
 
     def buckets(self) -> list[tuple[str, float]]:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import pickle
+import resource
 import socket
 import ssl
 import struct
@@ -105,7 +106,7 @@ class ProxyContext:
     __slots__ = (
         "_cancel_slots", "_pool", "_tasks", "_upstream_ssl", "allowed_tally", "audit_healthy",
         "audit_sink", "by_id", "cancels", "catalog_classifier", "catalog_database", "classifier",
-        "config", "guard", "guard_epoch", "hold_timeout", "holds", "is_enrolled", "metrics",
+        "config", "guard", "guard_epoch_cell", "hold_timeout", "holds", "is_enrolled", "metrics",
         "offload_chars", "on_session", "on_statement", "on_upstream_error", "sessions",
         "setting_is_harmless", "statement_seconds", "status_text", "stepup_url",
     )
@@ -125,7 +126,9 @@ class ProxyContext:
         self.catalog_classifier: ClassificationCache | None = None
         self.catalog_database: str | None = None
         self.offload_chars = OFFLOAD_CHARS
-        self.guard_epoch = 0  # bumped when the policy changes: cached verdicts expire
+        # [epoch]: bumped when the policy changes, so cached verdicts expire. A one-item list
+        # that sessions keep and read per statement (a C list read in the compiled session).
+        self.guard_epoch_cell = [0]
         self._pool: ProcessPoolExecutor | None = None
         self.hold_timeout = 120.0
         self.sessions: set[Session] = set()
@@ -156,6 +159,14 @@ class ProxyContext:
                               if config.upstream_tls.mode != "disable" else None)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cancel_slots = asyncio.Semaphore(16)
+
+    @property
+    def guard_epoch(self) -> int:
+        return self.guard_epoch_cell[0]
+
+    def policy_changed(self) -> None:
+        """A new policy is in force: every session decides again (cached verdicts expire)."""
+        self.guard_epoch_cell[0] += 1
 
     # -- owned background work --------------------------------------------------------------------
 
@@ -342,7 +353,7 @@ class ProxyServer:
         self._accept_task = loop.create_task(self._accept_loop())
         log.info("proxy.listening", listen=str(listen), upstream=str(self.ctx.config.upstream),
                  compiled=not str(framing.__file__).endswith(".py"),
-                 tls=self.ctx.config.tls.mode)
+                 tls=self.ctx.config.tls.mode, open_files=_raise_open_files_limit())
 
     async def stop_accepting(self) -> None:
         if self._accept_task is not None:
@@ -438,6 +449,19 @@ class _Refused(Exception):
     def __init__(self, reply: bytes | None) -> None:
         super().__init__("refused")
         self.reply = reply
+
+
+def _raise_open_files_limit() -> int:
+    """Raise the soft limit on open descriptors to the hard one, as servers do: a session holds
+    four (both sockets, and the duplicate of each it sends replies to); returns the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def _client_side(session: Session) -> asyncio.Protocol:

@@ -9,6 +9,7 @@ from pgguard.observability.audit cimport AuditSink
 from pgguard.observability.tally cimport Tally, TallyHistogram
 from pgguard.protocol.framing cimport FrameHandler, Framer
 from pgguard.proxy._clock cimport monotonic
+from pgguard.proxy._io cimport send_some
 
 # Module constants as C integers (not looked up, not boxed, where they are compared).
 cdef int K_QUERY, K_PARSE, K_BIND, K_EXEC, K_SYNC, K_CLOSE, K_DESCRIBE_S, K_DESCRIBE_P
@@ -25,6 +26,8 @@ cpdef Py_ssize_t _string_end(bytes buf, Py_ssize_t i, Py_ssize_t end) except? -2
 @cython.locals(i=Py_ssize_t)
 cpdef bint _same_name(bytes buf, Py_ssize_t start, Py_ssize_t end, bytes name) except? -1
 
+@cython.locals(n=Py_ssize_t)
+cpdef void _send(int fd, bytes data, object buffered, object write) except *
 @cython.locals(t=_Tracked)
 cpdef _Tracked _track(int kind, object c, object decision, object rule, object stepup_event)
 
@@ -80,14 +83,15 @@ cdef class _Marked(_Entry):
     cdef public bytes error
 
 
+# (No freelist: Cython keeps those for base types only, and this is an _Entry.)
 @cython.no_gc  # it refers to nothing that refers back to it: not tracked by the collector
-@cython.freelist(16)  # one or a few per statement: reused, not allocated each time
 cdef class _Tracked(_Entry):
     cdef public object classification
     cdef public object decision
     cdef public object rule
     cdef public object stepup_event
     cdef public double started
+    cdef public double ended
     cdef public object rows
     cdef public object error
     cdef public bint resets_encoding
@@ -110,6 +114,10 @@ cdef class Session:
     cdef public object server
     cdef public object _write_client
     cdef public object _write_server
+    cdef public object _client_buffered
+    cdef public object _server_buffered
+    cdef public int _client_fd
+    cdef public int _server_fd
     cdef public bytes txn_status
     cdef public object done
     cdef public bytes _startup_buf
@@ -144,6 +152,8 @@ cdef class Session:
     cdef public object _offload
     cdef public object _offload_task
     cdef public object _cache
+    cdef public list _epoch_cell
+    cdef public list _guard_epoch
     cdef public bint _client_copy_open
     cdef public list _paused
     cdef public set _tasks
@@ -165,7 +175,9 @@ cdef class Session:
     @cython.locals(hk=int, t=_Tracked, fifo=_Fifo, e=_Entry, head=_Entry, p=_ParseEntry,
                    marked=_Marked)
     cpdef object _on_server_frame(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end)
+    @cython.locals(now=double)
     cpdef void _finished(self, _Tracked t) except *
     cpdef void _set_running(self, bytes portal, bint running) except *
+    cpdef void no_direct_sends(self, bint client_side) except *
     @cython.locals(t=_Tracked, histogram=TallyHistogram, audit=AuditSink, done=_Fifo)
     cpdef void _report_done(self) except *

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import resource
 import secrets
 import string
 from collections.abc import Callable, Iterator
@@ -43,6 +45,7 @@ from pgguard.protocol.framing import (
     Verdict as FrameVerdict,
 )
 from pgguard.proxy._clock import monotonic
+from pgguard.proxy._io import send_some
 from pgguard.proxy.guard import Allow, NeedStepUp, Refuse, Verdict
 from pgguard.proxy.holds import HoldOutcome, hold_hint
 from pgguard.proxy.startup import check_startup
@@ -117,8 +120,64 @@ _UNDECODABLE = Classification(
     redacted_sql="<undecodable>", reason="the statement is not valid in the client encoding")
 
 
+def _nothing_buffered() -> int:
+    return 0
+
+
 def _not_connected(data: bytes) -> None:
     raise RuntimeError("no transport to write to")
+
+
+# The transports whose socket a reply may be sent to directly (_direct_fd): the plain TCP and
+# Unix socket transports of uvloop and asyncio. Never a TLS one (its socket carries records).
+_DIRECT_TRANSPORTS = frozenset({"TCPTransport", "UnixTransport", "_SelectorSocketTransport"})
+
+
+def _direct_fd(transport: asyncio.BaseTransport) -> int:
+    """A duplicate of the transport's socket, for `_send`, or -1 (TLS, another kind of
+    transport, no socket, no descriptor left). The session's own descriptor: should the
+    transport close its own while the session still looks at this one, it is still the same
+    connection (never a number the kernel has given to another), until Session.close()."""
+    if (type(transport).__name__ not in _DIRECT_TRANSPORTS
+            or transport.get_extra_info("ssl_object") is not None):
+        return -1
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return -1
+    try:
+        fd = os.dup(sock.fileno())
+    except (OSError, ValueError):
+        return -1
+    # Descriptors are numbered lowest first: a high one means few are left. They are for
+    # connections then (a quarter of the limit stays free), this session sends as before.
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if 0 < limit != resource.RLIM_INFINITY and fd >= limit - max(64, limit // 4):
+        _close_fd(fd)
+        return -1
+    return fd
+
+
+def _close_fd(fd: int) -> None:
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _send(fd: int, data: bytes, buffered: Callable[[], int],
+          write: Callable[[bytes], object]) -> None:
+    """Write `data` to a peer: straight to its socket (`fd`, from _direct_fd) when nothing waits
+    in its transport, which is the usual case: one send() call instead of the transport's
+    write() layers. What the socket does not take now goes to the transport, `write`: from then
+    on everything does, until its buffer (`buffered`) is empty again, so the order holds and
+    the transport's flow control (pause_writing) works as it always does. fd -1: the
+    transport alone."""
+    if fd >= 0 and not buffered():
+        n = send_some(fd, data)
+        if n == len(data):
+            return
+        if n > 0:
+            data = data[n:]
+    write(data)
 
 
 def new_session_id() -> str:
@@ -242,7 +301,7 @@ class _Tracked(_Entry):
     """A statement forwarded after a decision: completed (or failed) when its reply pops it,
     for the audit's `statement` event (duration, rows) and pgguard_statement_seconds."""
 
-    __slots__ = ("classification", "decision", "error", "family", "resets_encoding",
+    __slots__ = ("classification", "decision", "ended", "error", "family", "resets_encoding",
                  "rows", "rule", "started", "stepup_event")
 
     kind: int
@@ -251,6 +310,7 @@ class _Tracked(_Entry):
     rule: str | None
     stepup_event: object | None
     started: float  # time.monotonic() when forwarded; then its duration, once done
+    ended: float  # time.monotonic() when done (the audit's ts), -1.0 before
     rows: int | None
     error: str | None  # SQLSTATE of the server's error, if any
     resets_encoding: bool  # a SET that may change client_encoding / scs
@@ -268,6 +328,7 @@ def _track(kind: int, c: Classification, decision: str, rule: str | None,
     t.rule = rule
     t.stepup_event = stepup_event
     t.started = monotonic()
+    t.ended = -1.0
     t.rows = None
     t.error = None
     t.resets_encoding = False
@@ -372,6 +433,7 @@ class _Side:
             self._s.server_data(data)
 
     def eof_received(self) -> bool | None:
+        self._s.no_direct_sends(self._client)  # the transport closes its socket now
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -398,9 +460,14 @@ class Session:
         self.state = STARTUP
         self.client: asyncio.Transport | None = None
         self.server: asyncio.Transport | None = None
-        # Their write methods, bound when each is set (the relay writes with them).
+        # Their write and get_write_buffer_size methods, bound when each is set, and the
+        # session's duplicate of each one's socket or -1 (the relay writes with them: _send).
         self._write_client: Callable[[bytes], object] = _not_connected
         self._write_server: Callable[[bytes], object] = _not_connected
+        self._client_buffered: Callable[[], int] = _nothing_buffered
+        self._server_buffered: Callable[[], int] = _nothing_buffered
+        self._client_fd = -1
+        self._server_fd = -1
         self.txn_status = b"I"
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._startup_buf = b""
@@ -452,6 +519,8 @@ class Session:
         self._offload: tuple[int, str | None, bool, bytes] | None = None
         self._offload_task: asyncio.Task[None] | None = None
         self._cache = ctx.classifier
+        self._epoch_cell: list[Any] = self._cache.epoch_cell  # its epoch, read at every Bind
+        self._guard_epoch: list[int] = ctx.guard_epoch_cell  # read at every decision
         self._client_copy_open = False
         self._paused = [0, 0]  # read-pause reasons, [client, server] (bit 1: peer buffer full)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -464,8 +533,13 @@ class Session:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def client_connected(self, transport: asyncio.Transport) -> None:
+        if self.state == CLOSED:  # closed (shutdown) while its handshake finished
+            transport.close()
+            return
         self.client = transport
         self._write_client = transport.write  # per reply: not looked up by name each time
+        self._client_buffered = transport.get_write_buffer_size
+        self._client_fd = _direct_fd(transport)
         loop = asyncio.get_running_loop()
         self._startup_timer = loop.call_later(self.ctx.config.limits.startup_timeout,
                                               self._startup_timed_out)
@@ -492,6 +566,10 @@ class Session:
             with contextlib.suppress(Exception):
                 self.server.write(m.terminate())
             self.server.close()
+        fds = self._client_fd, self._server_fd
+        self._client_fd = self._server_fd = -1  # nothing is sent to them any more
+        for fd in fds:
+            _close_fd(fd)
         if self._our_pid is not None:
             self.ctx.cancels.release(self._our_pid)
         self.ctx.holds.end(self.id, HoldOutcome.SHUTDOWN if self._shutting_down
@@ -507,6 +585,14 @@ class Session:
         if not self.done.done():
             self.done.set_result(None)
         self.ctx.session_closed(self)
+
+    def no_direct_sends(self, client_side: bool) -> None:
+        """From now on the transport of that side alone writes to it (_send)."""
+        if client_side:
+            fd, self._client_fd = self._client_fd, -1
+        else:
+            fd, self._server_fd = self._server_fd, -1
+        _close_fd(fd)
 
     def client_lost(self, exc: Exception | None) -> None:
         self.client = None if self.client is None else self.client
@@ -552,7 +638,7 @@ class Session:
                 out = self._cframer.relay(data)
                 if out is not None and self.server is not None:
                     if isinstance(out, bytes):  # the common case: one slice, one write
-                        self._write_server(out)
+                        _send(self._server_fd, out, self._server_buffered, self._write_server)
                     else:
                         self.server.writelines(out)
                 if self._cframer._held:  # Framer.holding, read as a C field when compiled
@@ -595,6 +681,7 @@ class Session:
         self.user = msg.params["user"]
         self.database = msg.params.get("database") or self.user
         self._cache = self.ctx.cache_for(self.database)
+        self._epoch_cell = self._cache.epoch_cell
         self._client_minor = msg.minor
         startup = msg.raw
         if msg.minor > m.NEWEST_MINOR:
@@ -626,6 +713,8 @@ class Session:
             return
         self.server = transport
         self._write_server = transport.write
+        self._server_buffered = transport.get_write_buffer_size
+        self._server_fd = _direct_fd(transport)
         self.state = AUTH
         transport.write(startup)
         pending, self._pending_client = self._pending_client, b""
@@ -652,7 +741,7 @@ class Session:
             prepared = self._statements.get(stmt)
             if prepared is None:  # a statement of SQL PREPARE, or one we never saw
                 prepared = (None, self._sql_prepared(stmt))
-            elif self._stmt_epoch is not self._cache.epoch:  # changes only with a reload
+            elif self._stmt_epoch is not self._epoch_cell[0]:  # changes only with a reload
                 prepared = self._reclassified(stmt, prepared)
             if portal:
                 self._portals[portal] = prepared
@@ -748,6 +837,9 @@ class Session:
         if not self._statements:
             self._stmt_epoch = self._cache.epoch
         self._statements[name] = (text, c)
+        # Clients bind what they just parsed: the next Bind then finds this name as the one it
+        # keeps (_bind_name), and the dict lookup its own key object (no bytes compare).
+        self._bind_name = name
         self._stale.discard(name)
         if name:
             self._facts.record_prepared(name.decode("utf-8", "replace"), c.classes)
@@ -812,7 +904,7 @@ class Session:
         a = self._last_allowed  # clients repeat one statement: no id(), no dict lookup then
         if a is None or a.classification is not c:
             a = self._allowed.get(id(c))
-        if (a is not None and a.classification is c and a.epoch == ctx.guard_epoch
+        if (a is not None and a.classification is c and a.epoch == self._guard_epoch[0]
                 and (not a.sensitive or ctx.audit_healthy())):
             # The common case: a verdict that depends on nothing but the classification, made
             # under the policy in force, and the audit writable if the statement is sensitive.
@@ -830,7 +922,7 @@ class Session:
                 self._allowed.clear()
             sink = ctx.audit_sink
             self._allowed[id(c)] = self._last_allowed = _Allowed(
-                c, ctx.guard_epoch, verdict.rule, ctx.allowed_tally(c.classes),
+                c, self._guard_epoch[0], verdict.rule, ctx.allowed_tally(c.classes),
                 None if sink is None else sink.usual_template(
                     self.id, self.user, self.client_addr, c, "allowed", verdict.rule))
         if not isinstance(verdict, Refuse):
@@ -1054,7 +1146,7 @@ class Session:
             out = self._sframer.relay(data)
             if out is not None and self.client is not None:
                 if isinstance(out, bytes):
-                    self._write_client(out)
+                    _send(self._client_fd, out, self._client_buffered, self._write_client)
                 else:
                     self.client.writelines(out)
             self._sframer.run_later()  # the FIFO, rows, status: after the client has the reply
@@ -1167,7 +1259,9 @@ class Session:
         that bookkeeping is not in the client's round trip."""
         if t.resets_encoding:
             self._settle_at_z = True  # the server reports changed settings just before Z
-        t.started = monotonic() - t.started
+        now = monotonic()
+        t.started = now - t.started
+        t.ended = now
         self._done.append(t)
 
     def _report_done(self) -> None:
@@ -1180,13 +1274,13 @@ class Session:
                 if audit is None:
                     continue
                 if t.family is not None and t.rows is not None and t.error is None:
-                    audit.emit_usual(t.family, t.started, t.rows)  # its template, found once
+                    audit.emit_usual(t.family, t.started, t.rows, t.ended)  # its template
                 else:
                     audit.emit_statement(self.id, self.user, self.client_addr,
                                          t.classification, t.decision, t.rule, t.started,
-                                         t.rows, t.error, t.stepup_event)
+                                         t.rows, t.error, t.stepup_event, t.ended)
         finally:
-            if done:  # only after an exception: the rest is not reported
+            if done.nonempty():  # only after an exception: the rest is not reported
                 done.clear()
 
     def _on_server_startup_frame(self, typ: int, buf: bytes, start: int, end: int) -> bytes | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import io
 import itertools
@@ -621,3 +622,44 @@ def test_a_writer_thread_that_stops_leaves_the_sink_unhealthy(tmp_path: Path) ->
     assert counted == [1] and s.errors == 1
     assert not s.flush_sync(timeout=1)  # nothing will write any more
     s.close_sync()
+
+
+def test_a_usual_event_at_a_monotonic_reading_has_that_moment_on_the_wall_clock(
+        tmp_path: Path) -> None:
+    """emit_usual(..., now): the session passes the time.monotonic() reading at which the
+    statement finished, and its ts is that moment on the sink's wall clock (the offset between
+    the clocks, measured at most WALL_OFFSET_SECONDS before). A wall clock that is set (here
+    an hour forward) shows in the ts of the events after that."""
+    import time
+
+    wall = [1_700_000_000.0]
+
+    def clock() -> float:  # the wall clock, standing still but for the jump
+        return wall[0] + (time.monotonic() - start)
+
+    start = time.monotonic()
+    path = tmp_path / "audit.jsonl"
+    s = AuditSink(AuditConfig(path=path), clock=clock)
+    s.start()
+    parts = s.usual_template("abcdefghijkl", "alice", "x", _FAST_CLASSIFICATIONS[0], "allowed",
+                             "oncall")
+    assert parts is not None
+    try:
+        before = time.monotonic()
+        s.emit_usual(parts, 0.001, 1, before)
+        s.emit_usual(parts, 0.001, 2, before + 0.01)  # 10 ms later, the same offset
+        wall[0] += 3600.0
+        time.sleep(0.12)  # > WALL_OFFSET_SECONDS: the offset is measured again
+        after = time.monotonic()
+        s.emit_usual(parts, 0.001, 3, after)
+        s.emit_usual(parts, 0.001, 4)  # no reading: the wall clock itself
+        assert s.flush_sync()
+    finally:
+        s.close_sync()
+    ts = [dt.datetime.strptime(e["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=dt.UTC).timestamp() for e in events(path)]
+    assert ts[0] == pytest.approx(1_700_000_000.0 + before - start, abs=1e-4)
+    assert ts[1] - ts[0] == pytest.approx(0.01, abs=2e-6)
+    assert ts[2] == pytest.approx(1_700_003_600.0 + after - start, abs=1e-4)
+    assert 0 <= ts[3] - ts[2] < 1.0
+    assert verify_files([path]).ok
