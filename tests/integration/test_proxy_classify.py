@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -27,6 +28,13 @@ POLICY = {
     "pii": {"tables": {"cat.people": ["email"]}},
     "roles": {"readers": {"users": ["app"], "allow": ["read", "tx"]}},
 }
+
+
+def _wait_for(done: Callable[[], bool], proxy, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, proxy.log()
+        time.sleep(0.2)
 
 
 def _denied(conn: psycopg.Connection, sql: str) -> str:
@@ -88,19 +96,13 @@ def test_schema_aware_views_and_comment_tags(pg18, proxy_factory):
     # a DBA tags a column in the database; SIGHUP refreshes the snapshot
     pg18.psql("COMMENT ON COLUMN cat.other.secret_note IS 'pgguard:pii';", dbname="app")
     proxy.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 20
-    while proxy.log().count('"catalog.loaded"') < 2:
-        assert time.monotonic() < deadline, proxy.log()
-        time.sleep(0.2)
+    _wait_for(lambda: proxy.log().count('"catalog.loaded"') >= 2, proxy)
     with psycopg.connect(proxy.dsn(), autocommit=True) as c:
         assert "may not run pii" in _denied(c, "SELECT secret_note FROM cat.other")
     # dropping the tagged column is reported on the next refresh
     pg18.psql("ALTER TABLE cat.other RENAME COLUMN secret_note TO note2;", dbname="app")
     proxy.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 20
-    while "catalog.pii_column_gone" not in proxy.log():
-        assert time.monotonic() < deadline, proxy.log()
-        time.sleep(0.2)
+    _wait_for(lambda: "catalog.pii_column_gone" in proxy.log(), proxy)
     assert "cat.other.secret_note" in proxy.log()
 
 
@@ -152,9 +154,6 @@ def test_reloaded_pii_rules_apply_on_the_catalog_database_when_its_catalog_fails
         config["catalog"]["dsn"] = f"postgresql://app:secret@127.0.0.1:{free_port()}/app"
         proxy.config_path.write_text(json.dumps(config))
         proxy.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 30
-        while "catalog.load_failed" not in proxy.log():
-            assert time.monotonic() < deadline, proxy.log()
-            time.sleep(0.2)
+        _wait_for(lambda: "catalog.load_failed" in proxy.log(), proxy, timeout=30)
         assert "policy.reloaded" in proxy.log()
         assert "may not run pii" in _denied(c, "SELECT note FROM cat.people")
