@@ -739,8 +739,9 @@ class AuditSink:
                 return
         if self._refused():
             return
-        self._chain_now(self._clock() if now < 0.0 else self._wall(now), (session, user, client_addr, classification, decision,
-                                        rule, duration, rows, error, stepup_event), None)
+        ts = self._clock() if now < 0.0 else self._wall(now)
+        self._chain_now(ts, (session, user, client_addr, classification, decision, rule,
+                             duration, rows, error, stepup_event), None)
 
     def usual_template(self, session: str, user: str, client_addr: str, classification: Any,
                        decision: str, rule: str | None) -> tuple[bytes, ...] | None:
