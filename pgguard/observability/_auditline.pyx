@@ -13,6 +13,8 @@ setup.py builds this when a C compiler and OpenSSL's headers are there (libssl-d
 them audit.py runs as it is, only slower.
 """
 
+import os
+
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -318,3 +320,82 @@ cdef class StatementLines:
             return out, j
         finally:
             PyMem_Free(vs)
+
+
+cdef extern from "<sys/file.h>" nogil:
+    int flock(int fd, int operation)
+    enum:
+        LOCK_EX
+        LOCK_UN
+
+
+cdef extern from "<sys/stat.h>" nogil:
+    ctypedef long long off_t
+    ctypedef unsigned long long dev_t
+    ctypedef unsigned long long ino_t
+    struct stat:
+        dev_t st_dev
+        ino_t st_ino
+        off_t st_size
+    int fstat(int fd, stat *buf)
+    int c_stat "stat" (const char *path, stat *buf)
+
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t write(int fd, const void *buf, size_t n)
+    int fsync(int fd)
+
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EINTR
+
+
+cdef inline void _lock(int fd, int op) noexcept nogil:
+    # Best effort, as audit._flock: a file system without flock only loses the guard.
+    while flock(fd, op) != 0 and errno == EINTR:
+        pass
+
+
+def append(int fd, bytes path, bytes data, long long size, bint sync):
+    """Append `data` to the audit trail open at `fd` in one stretch without the GIL: under the
+    file's flock, and only if the file is still the one at `path` and still `size` bytes long
+    (nobody rotated it or appended since our last write); then fsync when `sync`. The new
+    size, or -1 when the file is not as expected (nothing written: the caller takes its own,
+    slower way, which re-reads the chain). Raises OSError when a call fails (a write may then
+    have been partial: the caller re-opens the file, which drops a partial last line).
+
+    One GIL hand-back per batch instead of one per system call: the audit writer thread that
+    waits for the GIL after each call makes the event loop hand it over, every time."""
+    cdef const char *p = data
+    cdef const char *c_path = path
+    cdef Py_ssize_t total = len(data)
+    cdef Py_ssize_t left = total
+    cdef ssize_t n
+    cdef long long result = -1
+    cdef int err = 0
+    cdef stat mine, current
+    with nogil:
+        _lock(fd, LOCK_EX)
+        if fstat(fd, &mine) != 0:
+            err = errno
+        elif (c_stat(c_path, &current) == 0 and current.st_ino == mine.st_ino
+              and current.st_dev == mine.st_dev and mine.st_size == size):
+            while left > 0:
+                n = write(fd, p, <size_t>left)
+                if n < 0:
+                    if errno == EINTR:
+                        continue
+                    err = errno
+                    break
+                p += n
+                left -= n
+            if err == 0 and sync and fsync(fd) != 0:
+                err = errno
+            if err == 0:
+                result = size + total
+        _lock(fd, LOCK_UN)
+    if err:
+        raise OSError(err, os.strerror(err))
+    return result

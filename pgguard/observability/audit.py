@@ -30,9 +30,12 @@ most every `fsync_interval` seconds) and rotates. The usual statement event (one
 statement: rows, no error, no step-up) is only noted by `emit_statement()` (its template and
 values); the writer thread chains the noted events in batches, in C with the GIL released
 (`_auditline.block`), while the event loop goes on, and any other event chains them first,
-so the chain keeps the order of emission. When the file does not end where the queued chain
-starts (another process such as `pgguard enroll` appended, or the file was replaced), the
-writer chains the waiting events again from the file's last event. A write error marks the sink unhealthy, counts the error
+so the chain keeps the order of emission. A batch is written in one C call without the GIL
+(`_auditline.append`: lock, check, write, fsync when due, unlock), so the writer thread takes
+the GIL back once per batch rather than after every system call (each time, the event loop
+hands it over). When the file does not end where the queued chain starts (another process such
+as `pgguard enroll` appended, or the file was replaced), the writer chains the waiting events
+again from the file's last event. A write error marks the sink unhealthy, counts the error
 (`on_error`: the `pgguard_audit_errors_total` counter), keeps the batch, and retries; the sink
 is healthy again once a write succeeds.
 """
@@ -62,8 +65,10 @@ from typing import IO, Any
 
 try:  # the usual statement event's line in C (setup.py); without it, _chain_statement's code
     from pgguard.observability._auditline import StatementLines as _CStatementLines
+    from pgguard.observability._auditline import append as _c_append
 except ImportError:
     _CStatementLines = None  # type: ignore[assignment,misc]
+    _c_append = None  # type: ignore[assignment]
 
 __all__ = [
     "AUDIT_GAP",
@@ -951,24 +956,29 @@ class AuditSink:
         """Write and (maybe) fsync one batch of chained lines. False if anything failed: the
         caller keeps the batch and retries. The batch may be chained again (`_rebase`) when
         the file does not end where its first line's `prev` says."""
+        locked = False  # the general way holds the file's lock until the end
         try:
             if self._needs_reopen and self.config.path is not None:
                 self._open()
-            if self._file is not None:
-                self._lock_for_append()
-                if batch and batch[0][1] != self._file_hash:
-                    self._rebase(batch)
-            data = b"".join([item[0] for item in batch])
-            if self._file is not None and data:
-                self._file.write(data)
-                self._file.flush()
-                self._size = os.fstat(self._file.fileno()).st_size
-                self._dirty = True
-                if self.config.fsync == "every":
-                    self._fsync()
-                else:
-                    self._fsync_if_due()
-            if self._stdout is not None and data:
+            data = b""
+            if not (batch and self._append_fast(batch)):
+                if self._file is not None:
+                    locked = True
+                    self._lock_for_append()
+                    if batch and batch[0][1] != self._file_hash:
+                        self._rebase(batch)
+                data = b"".join([item[0] for item in batch])
+                if self._file is not None and data:
+                    self._file.write(data)
+                    self._file.flush()
+                    self._size = os.fstat(self._file.fileno()).st_size
+                    self._dirty = True
+                    if self.config.fsync == "every":
+                        self._fsync()
+                    else:
+                        self._fsync_if_due()
+            if self._stdout is not None and batch:
+                data = data or b"".join([item[0] for item in batch])
                 with contextlib.suppress(Exception):
                     self._stdout.write(data.decode("utf-8"))
                     self._stdout.flush()
@@ -982,13 +992,37 @@ class AuditSink:
             self._failed(exc)
             return False
         finally:
-            if self._file is not None:
+            if locked and self._file is not None:
                 _flock(self._file, fcntl.LOCK_UN)
         if not self._healthy:
             log.warning("audit: writing to %s works again", self.config.path)
         self._healthy = True
         self.last_error = None
         self._maybe_rotate()
+        return True
+
+    def _append_fast(self, batch: list[tuple[bytes, str, float, Any, Any]]) -> bool:
+        """The usual write of a batch, in one C call without the GIL (`_auditline.append`): the
+        file is the one we wrote last, as long as we left it and its last event the batch's
+        `prev`. False when it is not (or there is no file, or no C helper): nothing is
+        written, and _write takes the general way (lock, re-read, re-chain). Raises OSError."""
+        f = self._file
+        if f is None or _c_append is None or batch[0][1] != self._file_hash:
+            return False
+        assert self.config.path is not None
+        data = b"".join([item[0] for item in batch])
+        every = self.config.fsync == "every"
+        sync = every or (self.config.fsync == "interval" and time.monotonic() - self._last_fsync
+                         >= self.config.fsync_interval)
+        size = _c_append(f.fileno(), os.fsencode(self.config.path), data, self._size, sync)
+        if size < 0:
+            return False
+        self._size = size
+        if sync:
+            self._dirty = False
+            self._last_fsync = time.monotonic()
+        else:
+            self._dirty = True
         return True
 
     def _rebase(self, batch: list[tuple[bytes, str, float, Any, Any]]) -> None:
@@ -1211,7 +1245,7 @@ class AuditSink:
 
     def _maybe_rotate(self) -> None:
         path, limit = self.config.path, self.config.rotate_bytes
-        if path is None or self._file is None or limit <= 0 or self._file.tell() < limit:
+        if path is None or self._file is None or limit <= 0 or self._size < limit:
             return
         try:
             self._fsync()

@@ -14,6 +14,7 @@ Python would fail here, not go unnoticed.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import itertools
 import os
@@ -245,6 +246,32 @@ def test_c_statement_block_is_the_lines_chained_one_by_one(
     if want:
         assert block.digest == head
 
+
+
+def test_c_append_writes_only_to_the_file_it_left(tmp_path: Path) -> None:
+    """append() (the writer's batch, one C call without the GIL) appends when the file is still
+    the one at the path and still as long as the writer left it; else it writes nothing and
+    says -1 (the writer then re-reads the chain). A failed write raises OSError."""
+    from pgguard.observability._auditline import append
+
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b"one\n")
+    with open(path, "ab") as f:
+        fd, name = f.fileno(), os.fsencode(path)
+        assert append(fd, name, b"two\n", 4, False) == 8
+        assert append(fd, name, b"three\n", 8, True) == 14
+        assert append(fd, name, b"stale\n", 8, False) == -1  # another writer appended
+        path.rename(tmp_path / "rotated.jsonl")
+        path.write_bytes(b"")
+        assert append(fd, name, b"moved\n", 14, False) == -1  # rotated away
+        assert append(fd, os.fsencode(tmp_path / "rotated.jsonl"), b"four\n", 14, False) == 19
+    assert (tmp_path / "rotated.jsonl").read_bytes() == b"one\ntwo\nthree\nfour\n"
+    assert path.read_bytes() == b""
+    full = tmp_path / "full"
+    full.symlink_to("/dev/full")
+    with open(full, "ab") as f, pytest.raises(OSError) as raised:
+        append(f.fileno(), os.fsencode(full), b"x\n", os.fstat(f.fileno()).st_size, False)
+    assert raised.value.errno == errno.ENOSPC
 
 # -- the per-statement histogram (tally.py compiled with tally.pxd) -----------------------------
 
