@@ -36,7 +36,7 @@ from pgguard.classify import (
     classify,
 )
 from pgguard.config import Config
-from pgguard.errors import SqlState, UpstreamError
+from pgguard.errors import ClientRefused, SqlState, UpstreamError
 from pgguard.protocol import framing
 from pgguard.protocol import messages as m
 from pgguard.proxy.cancel import CancelRegistry
@@ -408,10 +408,9 @@ class ProxyServer:
         if direct:
             ssl_obj = transport.get_extra_info("ssl_object")
             if ssl_obj is None or ssl_obj.selected_alpn_protocol() != ALPN:
-                session.close(m.error_response(
+                session.refuse_at_startup(ClientRefused(
                     SqlState.PROTOCOL_VIOLATION,
-                    "pgguard: direct TLS connection without the postgresql ALPN protocol",
-                    severity="FATAL"))
+                    "pgguard: direct TLS connection without the postgresql ALPN protocol"))
 
     async def _negotiate(self, conn: socket.socket) -> tuple[ssl.SSLContext | None, bool]:
         """Answer SSLRequest/GSSENCRequest; returns (TLS context or None, direct TLS?)."""

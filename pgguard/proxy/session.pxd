@@ -121,6 +121,7 @@ cdef class Session:
     cdef public bytes txn_status
     cdef public object done
     cdef public bytes _startup_buf
+    cdef public object _refusal
     cdef public bytes _pending_client
     cdef public int _client_minor
     cdef public bint _owe_negotiate

@@ -471,6 +471,8 @@ class Session:
         self.txn_status = b"I"
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._startup_buf = b""
+        # Set by refuse_at_startup(): the FATAL that answers the client's first packet.
+        self._refusal: ClientRefused | None = None
         self._pending_client = b""
         self._client_minor = 0
         self._owe_negotiate = False
@@ -544,12 +546,21 @@ class Session:
         self._startup_timer = loop.call_later(self.ctx.config.limits.startup_timeout,
                                               self._startup_timed_out)
 
+    def refuse_at_startup(self, refusal: ClientRefused) -> None:
+        """Answer the client's first packet with this FATAL and close. For a refusal decided
+        as the TLS handshake ends (direct TLS without ALPN): by the time the client sends a
+        packet, its side of the handshake is over and everything it sent has been read, so
+        the close cannot turn into a reset that loses the FATAL (as closing at once could,
+        with the client's last handshake message still unread)."""
+        self._refusal = refusal
+
     def _startup_timed_out(self) -> None:
         if self.state < READY:
             log.info("session.startup_timeout", session=self.id, client=self.client_addr)
-            self.close(m.error_response(SqlState.PROTOCOL_VIOLATION,
-                                        "pgguard: startup did not finish in time",
-                                        severity="FATAL"))
+            refusal = self._refusal or ClientRefused(SqlState.PROTOCOL_VIOLATION,
+                                                     "pgguard: startup did not finish in time")
+            self.close(m.error_response(refusal.sqlstate, refusal.message, severity="FATAL",
+                                        hint=refusal.hint))
 
     def close(self, fatal: bytes | None = None) -> None:
         """End the session: at most one FATAL to the client, Terminate to the server."""
@@ -661,10 +672,17 @@ class Session:
 
     def _startup_data(self, data: bytes) -> None:
         buf = self._startup_buf + data
-        length = m.startup_packet_length(buf)
+        try:
+            length = m.startup_packet_length(buf)
+        except ProtocolError:
+            if self._refusal is not None:
+                raise self._refusal from None
+            raise
         if length is None or len(buf) < length:
             self._startup_buf = buf
             return
+        if self._refusal is not None:
+            raise self._refusal
         packet, rest = buf[:length], buf[length:]
         self._startup_buf = b""
         msg = m.parse_startup_packet(packet)

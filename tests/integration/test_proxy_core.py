@@ -330,8 +330,12 @@ def test_direct_tls_without_alpn_refused(pg, tls_proxy):
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     with connect_raw(tls_proxy) as raw, ctx.wrap_socket(raw) as s:
+        # The FATAL answers the client's first packet: closing as the handshake ends could
+        # reset the connection before the client has read it.
+        s.sendall(m.startup_message({"user": "app", "database": "app"}))
         (err,) = errors(read_messages(s, until=b"E"))
         assert err["C"] == "08P01" and "ALPN" in err["M"]
+        assert s.recv(1) == b""  # then closed
 
 
 def test_gssenc_then_ssl_on_same_socket(pg, tls_proxy):
