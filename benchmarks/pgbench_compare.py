@@ -133,7 +133,19 @@ def _summarize(mode: str, clients: int, seconds: int, runs: list[PgbenchRun],
             errors[target.name] = failed[0]
     return {"mode": mode, "clients": clients, "seconds": seconds, "tps": median,
             "latency_ms": latency, "proxy_cpu_us_per_txn": cpu, "ratios": _ratios(median),
+            "pgguard_pgbouncer_by_repeat": _by_repeat(runs),
             "errors": errors}
+
+
+def _by_repeat(runs: list[PgbenchRun]) -> list[float | None]:
+    """pgguard/pgbouncer of each repeat alone (its two runs were next to each other): how far
+    the machine moved the ratio between repeats. The verdict is on the medians."""
+    tps = {(r.target, r.repeat): r.tps for r in runs}
+    out: list[float | None] = []
+    for repeat in sorted({r.repeat for r in runs}):
+        a, b = tps.get(("pgguard", repeat)), tps.get(("pgbouncer", repeat))
+        out.append(None if a is None or not b else round(a / b, 3))
+    return out
 
 
 def _ratios(median: dict[str, float | None]) -> dict[str, float | None]:
@@ -163,6 +175,12 @@ def format_table(result: dict[str, Any], names: list[str], repeats: int) -> str:
         row += "".join(f"{_num(cell['tps'].get(n), '.0f'):>11}" for n in names)
         row += "".join(f"{_num(cell['ratios'].get(r), '.3f'):>19}" for r in ratio_names)
         lines.append(row)
+    for cell in result["cells"]:
+        spread = cell.get("pgguard_pgbouncer_by_repeat") or []
+        if (cell["mode"], cell["clients"]) == KEY_CELL and any(x is not None for x in spread):
+            lines.append(f"  -M {cell['mode']} -c {cell['clients']}, pgguard/pgbouncer of each "
+                         f"repeat ({cell['seconds']} s runs): "
+                         + " ".join(_num(x, '.3f') for x in spread))
     proxies = [n for n in names if n != "direct"]
     if proxies:
         lines += ["", "proxy process CPU time per transaction, µs (median runs; load-independent)",

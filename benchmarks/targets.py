@@ -46,7 +46,7 @@ class BenchSettings:
     """Knobs, all from environment variables so `make bench` needs no arguments."""
 
     seconds: int = 3            # BENCH_SECONDS: one pgbench run of the matrix
-    key_seconds: int = 10       # BENCH_KEY_SECONDS: one run of the cell the target is set on
+    key_seconds: int = 20       # BENCH_KEY_SECONDS: one run of the cell the target is set on
     repeats: int = 3            # BENCH_REPEATS: runs per target and cell, interleaved
     modes: tuple[str, ...] = ("simple", "extended", "prepared")  # BENCH_MODES
     clients: tuple[int, ...] = (1, 8, 32)                         # BENCH_CLIENTS
@@ -68,7 +68,7 @@ class BenchSettings:
             raise SystemExit(f"BENCH_TARGETS: need direct, and only {', '.join(ALL_TARGETS)}")
         return cls(
             seconds=int(env.get("BENCH_SECONDS", "3")),
-            key_seconds=int(env.get("BENCH_KEY_SECONDS", "10")),
+            key_seconds=int(env.get("BENCH_KEY_SECONDS", "20")),
             repeats=int(env.get("BENCH_REPEATS", "3")),
             modes=_env_list("BENCH_MODES", "simple,extended,prepared"),
             clients=tuple(int(c) for c in _env_list("BENCH_CLIENTS", "1,8,32")),
