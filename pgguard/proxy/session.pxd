@@ -27,7 +27,7 @@ cpdef Py_ssize_t _string_end(bytes buf, Py_ssize_t i, Py_ssize_t end) except? -2
 cpdef bint _same_name(bytes buf, Py_ssize_t start, Py_ssize_t end, bytes name) except? -1
 
 @cython.locals(n=Py_ssize_t)
-cpdef void _send(int fd, bytes data, object buffered, object write) except *
+cpdef bint _send(int fd, bytes data, object buffered, object write) except -1
 @cython.locals(t=_Tracked)
 cpdef _Tracked _track(int kind, object c, object decision, object rule, object stepup_event)
 
@@ -118,6 +118,8 @@ cdef class Session:
     cdef public object _server_buffered
     cdef public int _client_fd
     cdef public int _server_fd
+    cdef public bint _client_queued
+    cdef public bint _server_queued
     cdef public bytes txn_status
     cdef public object done
     cdef public bytes _startup_buf

@@ -163,21 +163,25 @@ def _close_fd(fd: int) -> None:
             os.close(fd)
 
 
-def _send(fd: int, data: bytes, buffered: Callable[[], int],
-          write: Callable[[bytes], object]) -> None:
+def _send(fd: int, data: bytes, buffered: Callable[[], int] | None,
+          write: Callable[[bytes], object]) -> bool:
     """Write `data` to a peer: straight to its socket (`fd`, from _direct_fd) when nothing waits
     in its transport, which is the usual case: one send() call instead of the transport's
     write() layers. What the socket does not take now goes to the transport, `write`: from then
     on everything does, until its buffer (`buffered`) is empty again, so the order holds and
     the transport's flow control (pause_writing) works as it always does. fd -1: the
-    transport alone."""
-    if fd >= 0 and not buffered():
+    transport alone. `buffered` None: nothing has gone through the transport since its buffer
+    was last seen empty (the caller knows: this returns True when something did, and the
+    session's other writes to a transport say so too), so there is nothing to ask it.
+    Returns whether any of `data` went to the transport."""
+    if fd >= 0 and (buffered is None or not buffered()):
         n = send_some(fd, data)
         if n == len(data):
-            return
+            return False
         if n > 0:
             data = data[n:]
     write(data)
+    return True
 
 
 def new_session_id() -> str:
@@ -468,6 +472,10 @@ class Session:
         self._server_buffered: Callable[[], int] = _nothing_buffered
         self._client_fd = -1
         self._server_fd = -1
+        # Whether bytes may wait in that side's transport: something went through it since
+        # its buffer was last seen empty (see _send). Every write to a transport sets it.
+        self._client_queued = False
+        self._server_queued = False
         self.txn_status = b"I"
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._startup_buf = b""
@@ -649,9 +657,13 @@ class Session:
                 out = self._cframer.relay(data)
                 if out is not None and self.server is not None:
                     if isinstance(out, bytes):  # the common case: one slice, one write
-                        _send(self._server_fd, out, self._server_buffered, self._write_server)
+                        self._server_queued = _send(
+                            self._server_fd, out,
+                            self._server_buffered if self._server_queued else None,
+                            self._write_server)
                     else:
                         self.server.writelines(out)
+                        self._server_queued = True
                 if self._cframer._held:  # Framer.holding, read as a C field when compiled
                     self._holding()
             elif self.state == STARTUP:
@@ -735,6 +747,7 @@ class Session:
         self._server_fd = _direct_fd(transport)
         self.state = AUTH
         transport.write(startup)
+        self._server_queued = True
         pending, self._pending_client = self._pending_client, b""
         if pending:
             self.client_data(pending)
@@ -911,6 +924,7 @@ class Session:
         out = self._cframer.resume(verdict)  # type: ignore[arg-type]
         if out and self.server is not None:
             self.server.writelines(out)
+            self._server_queued = True
         self.set_read_pause(True, 2, False)
         if self._cframer.holding:
             self._holding()
@@ -1101,12 +1115,14 @@ class Session:
                     f"pgguard: statement held: step-up required ({need.triggers})",
                     detail=f"session {self.id}, user {self.user}, waiting up to {timeout:g} s",
                     hint=hold_hint(self.id, url)))
+                self._client_queued = True
             ctx.on_statement(self, c, "held", need.rule)
             if self.server is not None:
                 # Replies to the messages before the held one stay in the server's send buffer
                 # until a Flush or Sync, and the client's is queued behind the hold: send one
                 # (it has no reply of its own, so the FIFO is unchanged).
                 self.server.write(m.flush())
+                self._server_queued = True
             outcome = await ctx.holds.wait(hold, timeout)
             stepup_event = hold.released_by
             if outcome is HoldOutcome.TIMEOUT:
@@ -1141,6 +1157,7 @@ class Session:
             out = self._cframer.resume(_poison(kind))
         if out and self.server is not None:
             self.server.writelines(out)
+            self._server_queued = True
         self.set_read_pause(True, 2, False)
         if self._cframer.holding:
             self._holding()
@@ -1164,9 +1181,13 @@ class Session:
             out = self._sframer.relay(data)
             if out is not None and self.client is not None:
                 if isinstance(out, bytes):
-                    _send(self._client_fd, out, self._client_buffered, self._write_client)
+                    self._client_queued = _send(
+                        self._client_fd, out,
+                        self._client_buffered if self._client_queued else None,
+                        self._write_client)
                 else:
                     self.client.writelines(out)
+                    self._client_queued = True
             self._sframer.run_later()  # the FIFO, rows, status: after the client has the reply
             if self._done.nonempty():
                 self._report_done()
