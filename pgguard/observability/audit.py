@@ -1011,16 +1011,14 @@ class AuditSink:
             return False
         assert self.config.path is not None
         data = b"".join([item[0] for item in batch])
-        every = self.config.fsync == "every"
-        sync = every or (self.config.fsync == "interval" and time.monotonic() - self._last_fsync
-                         >= self.config.fsync_interval)
+        sync = self.config.fsync == "every" or (self.config.fsync == "interval"
+                                                and self._fsync_due())
         size = _c_append(f.fileno(), os.fsencode(self.config.path), data, self._size, sync)
         if size < 0:
             return False
         self._size = size
         if sync:
-            self._dirty = False
-            self._last_fsync = time.monotonic()
+            self._synced()
         else:
             self._dirty = True
         return True
@@ -1233,11 +1231,17 @@ class AuditSink:
     def _fsync(self) -> None:
         if self._file is not None:
             os.fsync(self._file.fileno())
+        self._synced()
+
+    def _synced(self) -> None:
         self._dirty = False
         self._last_fsync = time.monotonic()
 
+    def _fsync_due(self) -> bool:
+        return time.monotonic() - self._last_fsync >= self.config.fsync_interval
+
     def _fsync_if_due(self) -> None:
-        if time.monotonic() - self._last_fsync >= self.config.fsync_interval:
+        if self._fsync_due():
             try:
                 self._fsync()
             except OSError as exc:
