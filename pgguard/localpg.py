@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -28,10 +29,45 @@ from pathlib import Path
 __all__ = ["LocalPostgres", "debian_bindir", "embedded_bindir", "free_port"]
 
 
+_EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in _EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A 127.0.0.1 TCP port nothing is bound to, for a server started right after.
+
+    The port is picked outside the kernel's ephemeral range: a port from `bind(0)` lies inside
+    it, and between our check and the server's own bind the kernel may give that very port to
+    an outgoing connection (seen in CI: pgguard's catalog connection took the port pgguard was
+    about to listen on). Ports handed out before in this process are not handed out again.
+    """
+    low, high = _ephemeral_range()
+    spans = [(10000, low - 1), (high + 1, 65535)]
+    spans = [(a, b) for a, b in spans if b > a]
+    for _ in range(500 if spans else 0):
+        port = random.randint(*random.choice(spans))
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # no port outside the range is free: take the kernel's
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _handed_out.add(port)
+    return port
 
 
 def embedded_bindir() -> Path | None:
