@@ -7,6 +7,7 @@
 cimport cython
 
 cdef double WALL_OFFSET_SECONDS  # a C constant where _wall() compares it
+cdef bint _COMPILED
 
 
 cdef class _Durations:
@@ -59,6 +60,7 @@ cdef class AuditSink:
     cdef public double _offset_at
 
     cdef bint _refused(self) except -1
+    @cython.locals(deferred=list, n=Py_ssize_t)
     cpdef void emit_usual(self, tuple parts, object duration, object rows,
                           double now=*) except *
     @cython.locals(at=double, wall=double)

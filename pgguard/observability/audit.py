@@ -359,6 +359,8 @@ class EventRef:
         self.id: int | None = None
 
 
+# Whether this module runs compiled (the .so of audit.pxd) or as plain Python: emit_usual.
+_COMPILED = not __file__.endswith(".py")
 LINGER_SECONDS = 0.05  # how often the writer thread looks for new lines while busy
 WALL_OFFSET_SECONDS = 0.05  # how long a measured wall-clock offset is used (AuditSink._wall)
 
@@ -767,9 +769,22 @@ class AuditSink:
             return
         ts = self._clock() if now < 0.0 else self._wall(now)
         if self._dropped_total == self._dropped_chained:
-            event = (parts, duration, rows, ts)  # one extend: all four items or none
-            self._deferred.extend(event)
-            # After the extend: a writer that is going idle looks at the list again after it
+            deferred = self._deferred
+            if _COMPILED:
+                # Four appends and no tuple: compiled, no other thread runs between them (no
+                # Python code does, so the GIL stays).
+                n = len(deferred)
+                try:
+                    deferred.append(parts)
+                    deferred.append(duration)
+                    deferred.append(rows)
+                    deferred.append(ts)
+                except BaseException:  # (MemoryError) no part of an event stays
+                    del deferred[n:]
+                    raise
+            else:  # one extend: all four items or none, whichever thread emits
+                deferred.extend((parts, duration, rows, ts))
+            # After the appends: a writer that is going idle looks at the list again after it
             # says so (_run), so either it sees this event or this sees it idle.
             if self._idle:
                 self._idle = False

@@ -29,7 +29,7 @@ cpdef bint _same_name(bytes buf, Py_ssize_t start, Py_ssize_t end, bytes name) e
 @cython.locals(n=Py_ssize_t)
 cpdef bint _send(int fd, bytes data, object buffered, object write) except -1
 @cython.locals(t=_Tracked)
-cpdef _Tracked _track(int kind, object c, object decision, object rule, object stepup_event)
+cpdef _Tracked _track(_Tracked t, int kind, object c, object decision, object rule, object stepup_event)
 
 
 cdef class Session
@@ -134,6 +134,7 @@ cdef class Session:
     cdef public str _encoding
     cdef public _Fifo _fifo
     cdef public _Fifo _done
+    cdef public _Tracked _spare
     cdef public TallyHistogram _histogram
     cdef public AuditSink _audit
     cdef public dict _statements

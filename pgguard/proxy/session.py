@@ -321,11 +321,13 @@ class _Tracked(_Entry):
     family: tuple[bytes, ...] | None  # its usual audit event's template (_Allowed.family)
 
 
-def _track(kind: int, c: Classification, decision: str, rule: str | None,
+def _track(t: _Tracked | None, kind: int, c: Classification, decision: str, rule: str | None,
            stepup_event: object | None) -> _Tracked:
-    """A new _Tracked, started now. (Made with __new__ and set field by field: compiled, that
-    is a few C stores, where calling the class would parse its arguments.)"""
-    t = _Tracked.__new__(_Tracked)
+    """A _Tracked, started now: `t` (one reported already, reused: see _report_done) or a new
+    one. (Made with __new__ and set field by field: compiled, that is a few C stores, where
+    calling the class would parse its arguments.)"""
+    if t is None:
+        t = _Tracked.__new__(_Tracked)
     t.kind = kind
     t.classification = c
     t.decision = decision
@@ -491,6 +493,7 @@ class Session:
         self._encoding = "utf-8"
         self._fifo = _Fifo()  # of _Entry
         self._done = _Fifo()  # of _Tracked: answered, not yet reported (see _finished)
+        self._spare: _Tracked | None = None  # one reported, for the next (_report_done)
         # Where an answered statement is reported (set by app.py before sessions start): the
         # pgguard_statement_seconds histogram and the audit sink; None: not reported.
         self._histogram = ctx.statement_seconds
@@ -992,7 +995,8 @@ class Session:
                    portal: bytes | None, allowed: _Allowed | None) -> None:
         """Bookkeeping for a decided message that goes to the server as it is; `allowed`: its
         cached verdict, if that decided it."""
-        t = _track(kind, c, decision, rule, stepup_event)
+        t = _track(self._spare, kind, c, decision, rule, stepup_event)
+        self._spare = None
         if portal is not None:
             self._set_running(portal, True)
         if allowed is not None:
@@ -1310,14 +1314,15 @@ class Session:
                 t = done.popleft()
                 if histogram is not None:
                     histogram.observe(t.started)
-                if audit is None:
-                    continue
-                if t.family is not None and t.rows is not None and t.error is None:
-                    audit.emit_usual(t.family, t.started, t.rows, t.ended)  # its template
-                else:
-                    audit.emit_statement(self.id, self.user, self.client_addr,
-                                         t.classification, t.decision, t.rule, t.started,
-                                         t.rows, t.error, t.stepup_event, t.ended)
+                if audit is not None:
+                    if t.family is not None and t.rows is not None and t.error is None:
+                        audit.emit_usual(t.family, t.started, t.rows, t.ended)  # its template
+                    else:
+                        audit.emit_statement(self.id, self.user, self.client_addr,
+                                             t.classification, t.decision, t.rule, t.started,
+                                             t.rows, t.error, t.stepup_event, t.ended)
+                # Nothing refers to it now: the next statement's (_forwarded), not a new one.
+                self._spare = t
         finally:
             if done.nonempty():  # only after an exception: the rest is not reported
                 done.clear()
