@@ -8,8 +8,10 @@ types. Two helpers exist only in C: `_auditline.pyx` writes the usual statement 
 with OpenSSL's SHA-256 (it needs OpenSSL's headers, libssl-dev); audit.py has the same code in
 Python and uses it without the helper. `proxy/_clock.pyx` is the monotonic clock as a C
 function, which the compiled session calls (`_clock.py` is the same clock for pure Python), and
-`proxy/_io.pyx` the session's send() of a reply straight to a socket (`_io.py` likewise); they
-need nothing but libc, so they build whenever the session does. Each extension is optional: without a C compiler (or
+`proxy/_io.pyx` the session's send() of a reply straight to a socket (`_io.py` likewise), and
+`observability/_usual.pyx` the audit's deferred statement events as C structs (`_usual.py`
+likewise); they need nothing but libc, so they build whenever the session and the audit sink
+do. Each extension is optional: without a C compiler (or
 with PGGUARD_PURE_PYTHON=1) pgguard installs and runs as pure Python, only slower.
 `pgguard run` logs which one it runs (`proxy.listening`, `compiled`).
 """
@@ -37,6 +39,8 @@ def extensions() -> list[Extension]:
     modules.append(Extension("pgguard.proxy._clock", ["pgguard/proxy/_clock.pyx"],
                              optional=True))
     modules.append(Extension("pgguard.proxy._io", ["pgguard/proxy/_io.pyx"], optional=True))
+    modules.append(Extension("pgguard.observability._usual", ["pgguard/observability/_usual.pyx"],
+                             optional=True))
     modules.append(Extension("pgguard.observability._auditline",
                              ["pgguard/observability/_auditline.pyx"], libraries=["crypto"],
                              define_macros=[("OPENSSL_SUPPRESS_DEPRECATED", None)],

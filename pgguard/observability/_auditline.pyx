@@ -23,6 +23,8 @@ from libc.math cimport rint
 from libc.string cimport memcpy
 from libc.time cimport time_t, tm
 
+from pgguard.observability._usual cimport Usual, UsualEvents
+
 
 cdef extern from "<time.h>" nogil:
     tm *gmtime_r(const time_t *timep, tm *result)
@@ -145,10 +147,17 @@ cdef struct _Values:
 cdef bint _values(_Values *v, object parts, double duration, object rows, double ts):
     """Fill `v` from one event's template parts and values, except its id; False when a value
     is outside what this writes (audit.py's own code makes that line)."""
+    if not _count(rows, &v.rows):
+        return False
+    return _values_of(v, parts, duration, ts)
+
+
+cdef bint _values_of(_Values *v, object parts, double duration, double ts):
+    """_values() with `v.rows` set already (a count)."""
     cdef double dur_f, ts_f
     cdef Py_ssize_t i, size
     cdef object part
-    if type(parts) is not tuple or len(parts) != 6 or not _count(rows, &v.rows):
+    if type(parts) is not tuple or len(parts) != 6:
         return False
     dur_f = rint(duration * 1e6)  # round(): half to even, as audit.py rounds
     ts_f = rint(ts * 1e6)
@@ -264,35 +273,35 @@ cdef class StatementLines:
         self.digest = PyUnicode_DecodeASCII(PyBytes_AS_STRING(out) + n - 67, 64, NULL)
         return out
 
-    def block(self, list events, Py_ssize_t start, object rid, str prev):
-        """The lines of the events from event number `start` on, `events` being flat: four
-        items per event (parts, duration, rows, ts), as line() takes them. Chained from id
-        `rid` and `prev`, up to the first event line() would refuse: (their lines as one
-        bytes, how many). Sets `digest` when there are any. The lines are written and hashed
-        without the GIL: the audit writer thread calls this while the event loop goes on."""
+    def block(self, object events, Py_ssize_t start, object rid, str prev):
+        """The lines of the deferred events (`events`, a UsualEvents of _usual.pyx) from
+        number `start` on, chained from id `rid` and `prev`, up to the first one line() would
+        refuse: (their lines as one bytes, how many). Sets `digest` when there are any. The
+        lines are written and hashed without the GIL: the audit writer thread calls this
+        while the event loop goes on. (b"", 0) for the Python UsualEvents of _usual.py."""
         cdef long long first = 0
         cdef Py_ssize_t count = 0, total = 0, n, i, j, prev_len
         cdef _Values *vs
+        cdef Usual *e
         cdef const char *prev_p
         cdef char *p
         cdef object out
-        if not _count(rid, &first) or start < 0:
+        cdef UsualEvents queue
+        if type(events) is not UsualEvents or not _count(rid, &first) or start < 0:
             return b"", 0
+        queue = <UsualEvents>events
         prev_p = PyUnicode_AsUTF8AndSize(prev, &prev_len)
-        if prev_len != 64 or start >= len(events) // 4:
+        if prev_len != 64 or start >= queue.n:
             return b"", 0
-        n = len(events) // 4 - start
+        n = queue.n - start
         vs = <_Values *>PyMem_Malloc(n * sizeof(_Values))
         if vs == NULL:
             raise MemoryError()
         try:
             for i in range(n):
-                j = 4 * (start + i)
-                if (type(events[j]) is not tuple
-                        or type(events[j + 1]) is not float
-                        or type(events[j + 3]) is not float
-                        or not _values(&vs[i], events[j], events[j + 1], events[j + 2],
-                                       events[j + 3])
+                e = &queue.items[start + i]
+                vs[i].rows = e.rows
+                if (e.rows < 0 or not _values_of(&vs[i], <object>e.parts, e.duration, e.ts)
                         or i > MAX_ID - first):
                     break
                 vs[i].id = first + i

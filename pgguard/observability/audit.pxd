@@ -6,8 +6,9 @@
 # or the compiled build fails.
 cimport cython
 
+from pgguard.observability._usual cimport UsualEvents
+
 cdef double WALL_OFFSET_SECONDS  # a C constant where _wall() compares it
-cdef bint _COMPILED
 
 
 cdef class _Durations:
@@ -35,7 +36,8 @@ cdef class AuditSink:
     cdef public object _file_id
     cdef public str _file_hash
     cdef public list _pending
-    cdef public list _deferred
+    cdef public UsualEvents _usual
+    cdef public UsualEvents _usual_batch
     cdef public bint _idle
     cdef public bint _healthy
     cdef public Py_ssize_t _errors
@@ -60,8 +62,8 @@ cdef class AuditSink:
     cdef public double _offset_at
 
     cdef bint _refused(self) except -1
-    @cython.locals(deferred=list, n=Py_ssize_t)
-    cpdef void emit_usual(self, tuple parts, object duration, object rows,
+    @cython.locals(ts=double)
+    cpdef void emit_usual(self, tuple parts, double duration, object rows,
                           double now=*) except *
     @cython.locals(at=double, wall=double)
     cdef double _wall(self, double mono) except? -1.0

@@ -28,8 +28,9 @@ How the hot path uses it:
 the line; one writer thread drains the queue in batches, writes, fsyncs (`every` batch, or at
 most every `fsync_interval` seconds) and rotates. The usual statement event (one per
 statement: rows, no error, no step-up) is only noted by `emit_statement()` (its template and
-values); the writer thread chains the noted events in batches, in C with the GIL released
-(`_auditline.block`), while the event loop goes on, and any other event chains them first,
+values, as C values in `_usual.UsualEvents`); the writer thread chains the noted events in
+batches, in C with the GIL released (`_auditline.block`), while the event loop goes on, and
+any other event chains them first,
 so the chain keeps the order of emission. A batch is written in one C call without the GIL
 (`_auditline.append`: lock, check, write, fsync when due, unlock), so the writer thread takes
 the GIL back once per batch rather than after every system call (each time, the event loop
@@ -62,6 +63,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from pgguard.observability._usual import UsualEvents
 
 try:  # the usual statement event's line in C (setup.py); without it, _chain_statement's code
     from pgguard.observability._auditline import StatementLines as _CStatementLines
@@ -359,8 +362,6 @@ class EventRef:
         self.id: int | None = None
 
 
-# Whether this module runs compiled (the .so of audit.pxd) or as plain Python: emit_usual.
-_COMPILED = not __file__.endswith(".py")
 LINGER_SECONDS = 0.05  # how often the writer thread looks for new lines while busy
 WALL_OFFSET_SECONDS = 0.05  # how long a measured wall-clock offset is used (AuditSink._wall)
 
@@ -570,14 +571,13 @@ class AuditSink:
         # Chained lines for the writer, appended under the chain lock (the queue carries only
         # flush barriers and the stop).
         self._pending: list[tuple[bytes, str, float, Any, Any]] = []
-        # Usual statement events not chained yet, in order, flat: four items per event
-        # (template parts, duration, rows, ts), so that a waiting event is no object of its
-        # own for the garbage collector to count and visit. Chaining them (`_drain`) comes
-        # before any other event's. No lock: emitters only extend this one list by one event
-        # (one list.extend of a tuple: atomic under the GIL, and all or nothing should it fail),
-        # and `_drain` takes the events it has seen off its front (two atomic steps), so none
-        # is lost, split or taken twice.
-        self._deferred: list[Any] = []
+        # Usual statement events not chained yet, in order (template parts, duration, rows,
+        # ts): compiled, C structs, no Python object per event (_usual.pyx). Chaining them
+        # (`_drain`) comes before any other event's. No lock: emitters add one event in one
+        # step under the GIL, and `_drain` takes all there are in one step, into
+        # `_usual_batch` (under the chain lock), so none is lost, split or taken twice.
+        self._usual = UsualEvents()
+        self._usual_batch = UsualEvents()
         # The writer found nothing last time and waits for a _WAKE (the next emitter sends
         # one): prompt writes when events are few, no wake-ups when they are many.
         self._idle = False
@@ -768,23 +768,10 @@ class AuditSink:
         if self._refused():
             return
         ts = self._clock() if now < 0.0 else self._wall(now)
-        if self._dropped_total == self._dropped_chained:
-            deferred = self._deferred
-            if _COMPILED:
-                # Four appends and no tuple: compiled, no other thread runs between them (no
-                # Python code does, so the GIL stays).
-                n = len(deferred)
-                try:
-                    deferred.append(parts)
-                    deferred.append(duration)
-                    deferred.append(rows)
-                    deferred.append(ts)
-                except BaseException:  # (MemoryError) no part of an event stays
-                    del deferred[n:]
-                    raise
-            else:  # one extend: all four items or none, whichever thread emits
-                deferred.extend((parts, duration, rows, ts))
-            # After the appends: a writer that is going idle looks at the list again after it
+        # (A row count past a C long long is not added: chained now, after those waiting.)
+        if self._dropped_total == self._dropped_chained and self._usual.add(parts, duration,
+                                                                            rows, ts):
+            # After the add: a writer that is going idle looks at the events again after it
             # says so (_run), so either it sees this event or this sees it idle.
             if self._idle:
                 self._idle = False
@@ -813,7 +800,7 @@ class AuditSink:
         sink unhealthy until an audit.gap says how many) when the writer's backlog is full."""
         if self._closed:
             return True
-        if self._held + len(self._pending) + len(self._deferred) // 4 >= self._max_pending:
+        if self._held + len(self._pending) + len(self._usual) >= self._max_pending:
             self._dropped_total += 1
             self._healthy = False
             return True
@@ -843,15 +830,14 @@ class AuditSink:
         anything else is chained. Their lines are made by the C helper in blocks, without the
         GIL (emitters keep deferring meanwhile); one it declines (or all, when it is not
         built), audit.py makes."""
-        deferred = self._deferred
-        n = len(deferred)
-        if not n:
+        if not len(self._usual):
             return
-        events = deferred[:n]
-        del deferred[:n]  # appended meanwhile: after n, kept
+        events = self._usual_batch
+        self._usual.take(events)  # added meanwhile: in the next drain
+        n = len(events)
         lines = self._lines
         entries: list[tuple[bytes, str, float, Any, Any]] = []
-        i, n = 0, n // 4  # events, four items each
+        i = 0
         while i < n:
             prev = self._last_hash
             count = 0
@@ -861,15 +847,15 @@ class AuditSink:
                 assert lines is not None
                 self._last_id += count
                 self._last_hash = lines.digest
-                entries.append((data, prev, events[4 * i + 3], _FAST_BLOCK, count))
+                entries.append((data, prev, events.ts(i), _FAST_BLOCK, count))
                 i += count
             if i < n:
-                ts = events[4 * i + 3]
+                parts, duration, rows, ts = events.event(i)
                 prev = self._last_hash
-                entries.append((self._usual_line(events[4 * i], events[4 * i + 1],
-                                                 events[4 * i + 2], ts),
-                                prev, ts, _FAST_STATEMENT, None))
+                entries.append((self._usual_line(parts, duration, rows, ts), prev, ts,
+                                _FAST_STATEMENT, None))
                 i += 1
+        events.clear()
         self._pending += entries
 
     def _say_gap(self) -> None:
@@ -931,7 +917,7 @@ class AuditSink:
                 batch += self._pending
                 self._pending = []
                 self._idle = not batch
-                if self._idle and self._deferred:  # deferred since _drain: not idle after all
+                if self._idle and len(self._usual):  # added since _drain: not idle after all
                     self._idle = False
             self._held = _events(batch)
             reopen = self._needs_reopen and self.config.path is not None

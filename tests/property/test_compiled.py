@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import itertools
+import json
 import os
 import struct
 import sys
@@ -28,6 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pgguard.observability._usual as compiled_usual
 import pgguard.observability.audit as compiled_audit
 import pgguard.observability.tally as compiled_tally
 import pgguard.protocol.framing as compiled_framing
@@ -56,12 +58,14 @@ def _pure(module: ModuleType) -> ModuleType:
 PURE = _pure(compiled_framing)
 PURE_AUDIT = _pure(compiled_audit)
 PURE_TALLY = _pure(compiled_tally)
+PURE_USUAL = _pure(compiled_usual)
 
 
 @pytest.fixture(autouse=True)
 def _compiled_build() -> None:
     missing = [mod.__name__ for mod in (compiled_framing, session_module, compiled_audit,
-                                        compiled_tally, compiled_clock) if not _is_compiled(mod)]
+                                        compiled_tally, compiled_clock, compiled_usual)
+               if not _is_compiled(mod)]
     if compiled_audit._CStatementLines is None:
         missing.append("pgguard.observability._auditline")
     if missing and os.environ.get("CI"):
@@ -222,30 +226,109 @@ def test_c_statement_line_is_what_audit_py_writes(session: str, user: str, addr:
 def test_c_statement_block_is_the_lines_chained_one_by_one(
         events: list[tuple[int, float, int, float]], start: int, first_id: int,
         prev: str) -> None:
-    """block() (the writer thread's batch, made without the GIL) writes the events from
-    number `start` on (four items each, in one list) as line() would, each chained after the
-    one before, and stops at the first event line() declines; `digest` is then the last
-    line's hash."""
+    """block() (the writer thread's batch, made without the GIL) writes the deferred events
+    (a UsualEvents: those whose row count it took) from number `start` on as line() would,
+    each chained after the one before, and stops at the first event line() declines;
+    `digest` is then the last line's hash."""
     sink = compiled_audit.AuditSink(compiled_audit.AuditConfig(path=None))
-    queued = [(sink._templates.get(sink, _CLASSIFICATIONS[ci], "abcdefghijkl", "alice",
-                                   "10.0.0.7", "allowed", "oncall", True, False, False),
-               duration, rows, ts) for ci, duration, rows, ts in events]
+    queue = compiled_usual.UsualEvents()
+    queued = []
+    for ci, duration, rows, ts in events:
+        parts = sink._templates.get(sink, _CLASSIFICATIONS[ci], "abcdefghijkl", "alice",
+                                    "10.0.0.7", "allowed", "oncall", True, False, False)
+        took = queue.add(parts, duration, rows, ts)
+        assert took == (type(rows) is int and 0 <= rows < 1 << 63)
+        if took:
+            queued.append((parts, duration, rows, ts))
+    assert len(queue) == len(queued)
+    assert [queue.event(i) for i in range(len(queue))] == queued
     one = compiled_audit._CStatementLines()
     want: list[bytes] = []
     head = prev
     for parts, duration, rows, ts in queued[start:]:
         line = one.line(parts, duration, first_id + len(want), head, rows, ts)
-        if line is None or type(duration) is not float or type(ts) is not float:
+        if line is None:
             break
         want.append(line)
         head = one.digest
     block = compiled_audit._CStatementLines()
-    flat = [item for event in queued for item in event]  # as AuditSink._deferred holds them
-    data, count = block.block(flat, start, first_id, prev)
+    data, count = block.block(queue, start, first_id, prev)
     assert (data, count) == (b"".join(want), len(want))
     if want:
         assert block.digest == head
+    # The Python UsualEvents (_usual.py) takes the same events; block() leaves it to audit.py.
+    pure = PURE_USUAL.UsualEvents()
+    assert [pure.add(*event) for event in queued] == [True] * len(queued)
+    assert [pure.event(i) for i in range(len(pure))] == queued
+    assert block.block(pure, start, first_id, prev) == (b"", 0)
 
+
+@given(st.lists(st.tuples(st.booleans(), _ROWS), max_size=40), st.integers(0, 3))
+def test_usual_events_compiled_and_python_take_the_same(ops: list[tuple[bool, int]],
+                                                        every: int) -> None:
+    """UsualEvents (_usual.pyx) against its source (_usual.py): the same events added and
+    refused, taken whole and in order (what was in the taker before is dropped), cleared."""
+    parts = (b"a", b"b", b"c", b"d", b"e", b"f}")
+    queues = [(module.UsualEvents(), module.UsualEvents()) for module in (compiled_usual,
+                                                                         PURE_USUAL)]
+    seen: list[list[Any]] = [[], []]
+    for k, (take, rows) in enumerate(ops):
+        for (q, into), trace in zip(queues, seen, strict=True):
+            trace.append(q.add(parts, k / 7, rows, 1e9 + k))
+            if take or (every and k % every == 0):
+                q.take(into)
+                trace.append([into.event(i) for i in range(len(into))])
+                trace.append([into.ts(i) for i in range(len(into))])
+                if k % 2:
+                    into.clear()
+                trace.append((len(q), len(into)))
+    assert seen[0] == seen[1]
+    q = compiled_usual.UsualEvents()
+    with pytest.raises(IndexError):
+        q.event(0)
+    assert not q.add(None, 0.0, 1, 0.0)  # type: ignore[arg-type]
+
+
+def test_python_sink_and_events_write_the_deferred_events_in_order(tmp_path: Path) -> None:
+    """audit.py and _usual.py as plain Python (an install without a compiler): usual events
+    from several threads, and other events between them, are all written once, in the order
+    of emission, and the chain verifies."""
+    import threading
+
+    from pgguard.observability.audit_files import verify_files
+
+    path = tmp_path / "audit.jsonl"
+    sink = PURE_AUDIT.AuditSink(PURE_AUDIT.AuditConfig(path=path))
+    sink._usual, sink._usual_batch = PURE_USUAL.UsualEvents(), PURE_USUAL.UsualEvents()
+    sink._lines = None
+    sink.start()
+    parts = sink.usual_template("abcdefghijkl", "alice", "x", _CLASSIFICATIONS[0], "allowed",
+                                "oncall")
+    assert parts is not None
+
+    def emitter(k: int) -> None:
+        for i in range(500):
+            sink.emit_usual(parts, 0.001, k * 100_000 + i)
+            if i % 100 == 0:
+                sink.emit("session.start", session=f"s{k:011d}", user="bob", client_addr="x")
+        sink.emit_usual(parts, 0.001, 1 << 70)  # past a C long long: chained at once
+
+    threads = [threading.Thread(target=emitter, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sink.flush_sync()
+    sink.close_sync()
+    events = [json.loads(line) for line in path.read_bytes().splitlines()]
+    rows = [e["rows"] for e in events if e["event"] == "statement"]
+    assert sorted(rows) == sorted([k * 100_000 + i for k in range(3) for i in range(500)]
+                                  + [1 << 70] * 3)
+    for k in range(3):
+        mine = [r for r in rows if r // 100_000 == k]
+        assert mine == sorted(mine)
+    assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+    assert verify_files([path]).ok
 
 
 def test_c_append_writes_only_to_the_file_it_left(tmp_path: Path) -> None:
