@@ -4,7 +4,7 @@ everything else).
 The modules stay plain Python (the reference, what mypy and the tests read); Cython compiles
 them with C types from the .pxd next to each (annotations are not read as C types): the
 framer's scan loop, the session, the audit sink and the per-statement metrics as extension
-types. Two helpers exist only in C: `_auditline.pyx` writes the usual statement event's line
+types. Some helpers exist only in C: `_auditline.pyx` writes the usual statement event's line
 with OpenSSL's SHA-256 (it needs OpenSSL's headers, libssl-dev); audit.py has the same code in
 Python and uses it without the helper. `proxy/_clock.pyx` is the monotonic clock as a C
 function, which the compiled session calls (`_clock.py` is the same clock for pure Python), and
