@@ -63,9 +63,12 @@ def free_port() -> int:
                 continue
         _handed_out.add(port)
         return port
-    with socket.socket() as s:  # no port outside the range is free: take the kernel's
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    for _ in range(100):  # no port outside the range is free: take the kernel's
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            break
     _handed_out.add(port)
     return port
 

@@ -323,9 +323,9 @@ cdef class StatementLines:
                     j += 1
             if j == 0:
                 return b"", 0
+            self.digest = PyUnicode_DecodeASCII(p - 67, 64, NULL)  # (before `out` may go)
             if j < count:  # a time gmtime() cannot write: the lines before it
                 out = out[:p - PyBytes_AS_STRING(out)]
-            self.digest = PyUnicode_DecodeASCII(p - 67, 64, NULL)
             return out, j
         finally:
             PyMem_Free(vs)

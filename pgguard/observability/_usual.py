@@ -29,23 +29,34 @@ class UsualEvents:
     def add(self, parts: tuple[bytes, ...], duration: float, rows: object, ts: float) -> bool:
         """Add one event; False (nothing added) when `rows` is not a count that fits a C long
         long: the sink chains that event itself."""
-        if type(rows) is not int or not 0 <= rows <= MAX_ROWS or parts is None:
+        if type(rows) is not int or not 0 <= rows <= MAX_ROWS:
             return False
+        if type(parts) is not tuple:
+            if parts is None:
+                return False
+            raise TypeError("parts must be a tuple")
         self._events.append((parts, float(duration), rows, float(ts)))
         return True
 
     def take(self, into: UsualEvents) -> None:
-        """Move every event, in order, to `into` (what it held is dropped)."""
+        """Move every event, in order, to `into` (what it held is dropped; into is self: no
+        change)."""
+        if not isinstance(into, UsualEvents):
+            raise TypeError("take() needs a UsualEvents")
+        if into is self:
+            return
         events = self._events
         n = len(events)
         into._events = events[:n]  # added meanwhile (another thread): after n, kept
         del events[:n]
 
     def event(self, i: int) -> tuple[tuple[bytes, ...], float, int, float]:
+        if not 0 <= i < len(self._events):
+            raise IndexError("no such event")
         return self._events[i]
 
     def ts(self, i: int) -> float:
-        return self._events[i][3]
+        return self.event(i)[3]
 
     def clear(self) -> None:
         self._events = []

@@ -47,7 +47,7 @@ cdef class UsualEvents:
         cdef int overflow = 0
         cdef long long count
         cdef Usual *e
-        if type(rows) is not int or parts is None:
+        if type(rows) is not int or parts is None:  # (a tuple or None: the argument's type)
             return False
         count = PyLong_AsLongLongAndOverflow(rows, &overflow)
         if overflow or count < 0:
@@ -64,8 +64,12 @@ cdef class UsualEvents:
         return True
 
     cpdef void take(self, UsualEvents into) except *:
-        """Move every event, in order, to `into` (what it held is dropped): the two swap
-        their arrays, so both keep the room they have grown to."""
+        """Move every event, in order, to `into` (what it held is dropped; into is self: no
+        change): the two swap their arrays, so both keep the room they have grown to."""
+        if into is None:
+            raise TypeError("take() needs a UsualEvents")
+        if into is self:
+            return
         cdef Usual *items = into.items
         cdef Py_ssize_t cap = into.cap
         into._release()

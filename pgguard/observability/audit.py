@@ -838,25 +838,33 @@ class AuditSink:
         lines = self._lines
         entries: list[tuple[bytes, str, float, Any, Any]] = []
         i = 0
-        while i < n:
-            prev = self._last_hash
-            count = 0
-            if lines is not None:
-                data, count = lines.block(events, i, self._last_id + 1, prev)
-            if count:
-                assert lines is not None
-                self._last_id += count
-                self._last_hash = lines.digest
-                entries.append((data, prev, events.ts(i), _FAST_BLOCK, count))
-                i += count
-            if i < n:
-                parts, duration, rows, ts = events.event(i)
+        try:
+            while i < n:
                 prev = self._last_hash
-                entries.append((self._usual_line(parts, duration, rows, ts), prev, ts,
-                                _FAST_STATEMENT, None))
-                i += 1
-        events.clear()
-        self._pending += entries
+                count = 0
+                if lines is not None:
+                    data, count = lines.block(events, i, self._last_id + 1, prev)
+                if count:
+                    assert lines is not None
+                    self._last_id += count
+                    self._last_hash = lines.digest
+                    entries.append((data, prev, events.ts(i), _FAST_BLOCK, count))
+                    i += count
+                if i < n:
+                    parts, duration, rows, ts = events.event(i)
+                    prev = self._last_hash
+                    entries.append((self._usual_line(parts, duration, rows, ts), prev, ts,
+                                    _FAST_STATEMENT, None))
+                    i += 1
+        except BaseException:
+            # (A value no line can be made of.) What was chained is kept; the rest is lost,
+            # and said so: counted as dropped (an audit.gap follows), the sink unhealthy.
+            self._dropped_total += n - i
+            self._healthy = False
+            raise
+        finally:
+            self._pending += entries
+            events.clear()
 
     def _say_gap(self) -> None:
         """Under the chain lock: if events were dropped, chain an audit.gap saying how many."""

@@ -283,10 +283,21 @@ def test_usual_events_compiled_and_python_take_the_same(ops: list[tuple[bool, in
                     into.clear()
                 trace.append((len(q), len(into)))
     assert seen[0] == seen[1]
-    q = compiled_usual.UsualEvents()
-    with pytest.raises(IndexError):
-        q.event(0)
-    assert not q.add(None, 0.0, 1, 0.0)  # type: ignore[arg-type]
+    for module in (compiled_usual, PURE_USUAL):
+        q = module.UsualEvents()
+        assert not q.add(None, 0.0, 1, 0.0)
+        with pytest.raises(TypeError):
+            q.add([b"a"], 0.0, 1, 0.0)
+        assert q.add(parts, 0.5, 1, 2.0)
+        q.take(q)  # no change
+        assert len(q) == 1 and q.event(0) == (parts, 0.5, 1, 2.0)
+        for i in (-1, 1):
+            with pytest.raises(IndexError):
+                q.event(i)
+            with pytest.raises(IndexError):
+                q.ts(i)
+        with pytest.raises(TypeError):
+            q.take(None)
 
 
 def test_python_sink_and_events_write_the_deferred_events_in_order(tmp_path: Path) -> None:

@@ -616,7 +616,7 @@ def test_a_writer_thread_that_stops_leaves_the_sink_unhealthy(tmp_path: Path) ->
     assert parts is not None and s.healthy
     s.emit_usual(parts, 0.001, 1)
     deadline = time.monotonic() + 10
-    while s.healthy and time.monotonic() < deadline:
+    while not counted and time.monotonic() < deadline:  # on_error: the writer's last word
         time.sleep(0.01)
     assert not s.healthy and "writer stopped" in (s.last_error or "")
     assert counted == [1] and s.errors == 1
@@ -662,4 +662,32 @@ def test_a_usual_event_at_a_monotonic_reading_has_that_moment_on_the_wall_clock(
     assert ts[1] - ts[0] == pytest.approx(0.01, abs=2e-6)
     assert ts[2] == pytest.approx(1_700_003_600.0 + after - start, abs=1e-4)
     assert 0 <= ts[3] - ts[2] < 1.0
+    assert verify_files([path]).ok
+
+
+def test_a_noted_event_no_line_can_be_made_of_is_counted_as_dropped(tmp_path: Path) -> None:
+    """Fail closed: a noted statement event whose line cannot be made (a NaN duration) is not
+    lost silently. The events chained before it are kept, it and the ones after it in the
+    same drain are counted as dropped, the sink is unhealthy until a write succeeds, and an
+    audit.gap says how many."""
+    path = tmp_path / "audit.jsonl"
+    s = sink_at(path)
+    c = _FAST_CLASSIFICATIONS[0]
+    try:
+        with s._chain_lock:  # the writer thread cannot drain meanwhile: this one does
+            for duration in (0.001, 0.002, float("nan"), 0.003):
+                s.emit_statement("abcdefghijkl", "alice", "x", c, "allowed", "oncall",
+                                 duration, rows=1)
+            with pytest.raises(ValueError):
+                s._drain()
+        assert not s.healthy
+        s.emit(A.SESSION_END, session="abcdefghijkl", user="alice")
+        assert s.flush_sync()
+        assert s.healthy
+    finally:
+        s.close_sync()
+    evs = events(path)
+    assert [e["event"] for e in evs] == ["statement", "statement", "audit.gap", "session.end"]
+    assert [e.get("duration") for e in evs[:2]] == [0.001, 0.002]
+    assert evs[2]["dropped"] == 2
     assert verify_files([path]).ok

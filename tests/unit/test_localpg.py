@@ -7,12 +7,14 @@ import socket
 from pgguard import localpg
 
 
-def test_free_port_lies_outside_the_ephemeral_range_and_is_bindable():
-    low, high = localpg._ephemeral_range()
+def test_free_port_lies_outside_the_ephemeral_range_and_is_bindable(tmp_path, monkeypatch):
+    custom = tmp_path / "range"
+    custom.write_text("20000\t60999\n")
+    monkeypatch.setattr(localpg, "_EPHEMERAL_RANGE_FILE", custom)
     ports = [localpg.free_port() for _ in range(50)]
     assert len(set(ports)) == len(ports)  # never handed out twice
     for port in ports:
-        assert not low <= port <= high
+        assert 10000 <= port < 20000 or port > 60999
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
 
@@ -31,7 +33,13 @@ def test_free_port_falls_back_to_the_kernel_when_the_range_is_everything(tmp_pat
     whole = tmp_path / "range"
     whole.write_text("1024\t65535\n")
     monkeypatch.setattr(localpg, "_EPHEMERAL_RANGE_FILE", whole)
-    port = localpg.free_port()
-    assert 1024 <= port <= 65535
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+
+    def no_pick(a: int, b: int) -> int:
+        raise AssertionError("nothing outside 1024-65535 to pick from")
+
+    monkeypatch.setattr(localpg.random, "randint", no_pick)
+    ports = [localpg.free_port() for _ in range(5)]
+    assert len(set(ports)) == 5
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

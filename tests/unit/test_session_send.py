@@ -168,3 +168,22 @@ def test_tls_and_other_transports_are_never_written_directly(
     assert plain_fd >= 0
     assert tls_fd == -1
     assert module._direct_fd(object()) == -1  # not a socket transport at all
+
+
+def test_a_reused_tracked_statement_starts_afresh() -> None:
+    """_track(t, ...) with the session's last reported _Tracked (Session._spare) gives that
+    object back with every field set anew: nothing of the statement before (rows, error,
+    duration, template, encoding reset) carries over to the next one's audit event."""
+    from pgguard.classify import PiiRules, classify
+
+    first, second = classify("select 1", PiiRules()), classify("select 2", PiiRules())
+    t = installed._track(None, 1, first, "released", "r1", 7)
+    t.rows, t.error, t.resets_encoding, t.family, t.ended = 5, "42P01", True, (b"x",), 3.0
+    t.started = 0.25
+    again = installed._track(t, 2, second, "allowed", "r2", None)
+    assert again is t
+    assert (t.kind, t.classification, t.decision, t.rule, t.stepup_event) == (
+        2, second, "allowed", "r2", None)
+    assert (t.rows, t.error, t.resets_encoding, t.family, t.ended) == (None, None, False, None, -1.0)
+    assert t.started > 0.25  # now, on the monotonic clock
+    assert installed._track(None, 1, first, "allowed", None, None) is not t
