@@ -1,8 +1,11 @@
-"""send_some(), as the compiled _io.pyx provides it: what the socket takes now of `data`."""
+"""send_some() and recv_some(), as the compiled _io.pyx provides them: what the socket takes now
+of `data`, and what it has now."""
 
 import os
 
-__all__ = ["send_some"]
+__all__ = ["recv_some", "send_some"]
+
+RECV_SIZE = 262144  # as much as one read of uvloop's transports
 
 
 def send_some(fd: int, data: bytes) -> int:
@@ -13,3 +16,12 @@ def send_some(fd: int, data: bytes) -> int:
         return os.write(fd, data)
     except OSError:  # BlockingIOError (full), BrokenPipeError (SIGPIPE is ignored), ...
         return -1
+
+
+def recv_some(fd: int) -> bytes | None:
+    """What the socket `fd` (non-blocking, as above) has now: the bytes (up to 256 KiB), b""
+    at the end of the stream, None if it has nothing yet; OSError for an error (a reset)."""
+    try:
+        return os.read(fd, RECV_SIZE)
+    except BlockingIOError:  # (EINTR is retried by os.read)
+        return None
