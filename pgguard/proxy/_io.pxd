@@ -1,2 +1,1 @@
 cpdef Py_ssize_t send_some(int fd, bytes data) except -2
-cpdef object recv_some(int fd)

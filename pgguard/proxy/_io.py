@@ -1,11 +1,8 @@
-"""send_some() and recv_some(), as the compiled _io.pyx provides them: what the socket takes now
-of `data`, and what it has now."""
+"""send_some(), as the compiled _io.pyx provides it: what the socket takes now of `data`."""
 
 import os
 
-__all__ = ["recv_some", "send_some"]
-
-RECV_SIZE = 262144  # as much as one read of uvloop's transports
+__all__ = ["send_some"]
 
 
 def send_some(fd: int, data: bytes) -> int:
@@ -16,12 +13,3 @@ def send_some(fd: int, data: bytes) -> int:
         return os.write(fd, data)
     except OSError:  # BlockingIOError (full), BrokenPipeError (SIGPIPE is ignored), ...
         return -1
-
-
-def recv_some(fd: int) -> bytes | None:
-    """What the socket `fd` (non-blocking, as above) has now: the bytes (up to 256 KiB), b""
-    at the end of the stream, None if it has nothing yet; OSError for an error (a reset)."""
-    try:
-        return os.read(fd, RECV_SIZE)
-    except BlockingIOError:  # (EINTR is retried by os.read)
-        return None

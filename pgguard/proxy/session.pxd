@@ -9,7 +9,7 @@ from pgguard.observability.audit cimport AuditSink
 from pgguard.observability.tally cimport Tally, TallyHistogram
 from pgguard.protocol.framing cimport FrameHandler, Framer
 from pgguard.proxy._clock cimport monotonic
-from pgguard.proxy._io cimport recv_some, send_some
+from pgguard.proxy._io cimport send_some
 
 # Module constants as C integers (not looked up, not boxed, where they are compared).
 cdef int K_QUERY, K_PARSE, K_BIND, K_EXEC, K_SYNC, K_CLOSE, K_DESCRIBE_S, K_DESCRIBE_P
@@ -118,9 +118,6 @@ cdef class Session:
     cdef public object _server_buffered
     cdef public int _client_fd
     cdef public int _server_fd
-    cdef public bint _client_direct
-    cdef public bint _server_direct
-    cdef public object _loop
     cdef public bint _client_queued
     cdef public bint _server_queued
     cdef public bytes txn_status
@@ -186,6 +183,5 @@ cdef class Session:
     cpdef void _finished(self, _Tracked t) except *
     cpdef void _set_running(self, bytes portal, bint running) except *
     cpdef void no_direct_sends(self, bint client_side) except *
-    cpdef void _stop_direct_reads(self, bint client_side) except *
     @cython.locals(t=_Tracked, histogram=TallyHistogram, audit=AuditSink, done=_Fifo)
     cpdef void _report_done(self) except *

@@ -1,11 +1,7 @@
 """One client session: startup, authentication relay, then the message relay (DESIGN §3).
 
-The relay runs on event loop callbacks: for a plain TCP or Unix socket, a reader of the event
-loop on the session's duplicate of the socket (direct reads: `client_readable`, `server_readable`),
-for TLS the transport's protocol callbacks (`_Side`); replies go straight to the peer's socket
-while its transport has nothing waiting (`_send`). Each direction has a `Framer`
-(protocol/framing.py) that forwards bytes in bulk and calls back only for the messages we must
-see:
+The relay runs on asyncio.Protocol callbacks. Each direction has a `Framer` (protocol/framing.py)
+that forwards bytes in bulk and calls back only for the messages we must see:
 
     client → server   Query, Parse, Bind (head), Execute, Describe, Close, Sync, FunctionCall,
                       CopyDone/CopyFail, Terminate: to keep the reply FIFO and to decide
@@ -49,7 +45,7 @@ from pgguard.protocol.framing import (
     Verdict as FrameVerdict,
 )
 from pgguard.proxy._clock import monotonic
-from pgguard.proxy._io import recv_some, send_some
+from pgguard.proxy._io import send_some
 from pgguard.proxy.guard import Allow, NeedStepUp, Refuse, Verdict
 from pgguard.proxy.holds import HoldOutcome, hold_hint
 from pgguard.proxy.startup import check_startup
@@ -478,17 +474,12 @@ class Session:
         self._server_buffered: Callable[[], int] = _nothing_buffered
         self._client_fd = -1
         self._server_fd = -1
-        # Whether that side is read directly (_read_directly): its socket's duplicate with a
-        # reader of the event loop, instead of through its transport.
-        self._client_direct = False
-        self._server_direct = False
         # Whether bytes may wait in that side's transport: something went through it since
         # its buffer was last seen empty (see _send). Every write to a transport sets it.
         self._client_queued = False
         self._server_queued = False
         self.txn_status = b"I"
-        self._loop = asyncio.get_running_loop()
-        self.done: asyncio.Future[None] = self._loop.create_future()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._startup_buf = b""
         # Set by refuse_at_startup(): the FATAL that answers the client's first packet.
         self._refusal: ClientRefused | None = None
@@ -562,11 +553,9 @@ class Session:
         self._write_client = transport.write  # per reply: not looked up by name each time
         self._client_buffered = transport.get_write_buffer_size
         self._client_fd = _direct_fd(transport)
-        if self._client_fd >= 0:
-            # Not now: uvloop starts the transport's reading once this callback returns.
-            self._loop.call_soon(self._read_directly, True)
-        self._startup_timer = self._loop.call_later(self.ctx.config.limits.startup_timeout,
-                                                    self._startup_timed_out)
+        loop = asyncio.get_running_loop()
+        self._startup_timer = loop.call_later(self.ctx.config.limits.startup_timeout,
+                                              self._startup_timed_out)
 
     def refuse_at_startup(self, refusal: ClientRefused) -> None:
         """Answer the client's first packet with this FATAL and close. For a refusal decided
@@ -599,8 +588,6 @@ class Session:
             with contextlib.suppress(Exception):
                 self.server.write(m.terminate())
             self.server.close()
-        self._stop_direct_reads(True)
-        self._stop_direct_reads(False)
         fds = self._client_fd, self._server_fd
         self._client_fd = self._server_fd = -1  # nothing is sent to them any more
         for fd in fds:
@@ -623,7 +610,6 @@ class Session:
 
     def no_direct_sends(self, client_side: bool) -> None:
         """From now on the transport of that side alone writes to it (_send)."""
-        self._stop_direct_reads(client_side)
         if client_side:
             fd, self._client_fd = self._client_fd, -1
         else:
@@ -661,88 +647,10 @@ class Session:
         transport = self.client if client_side else self.server
         if transport is None or transport.is_closing() or bool(before) == bool(after):
             return
-        if self._client_direct if client_side else self._server_direct:
-            if after:
-                self._loop.remove_reader(self._client_fd if client_side else self._server_fd)
-            else:
-                self._add_reader(client_side)
-        elif after:
+        if after:
             transport.pause_reading()
         else:
             transport.resume_reading()
-
-    # -- direct reads -------------------------------------------------------------------------
-
-    def _read_directly(self, client_side: bool) -> None:
-        """From now on read that side's socket here, through the session's duplicate of it
-        (_direct_fd) and a reader of the event loop, instead of through its transport: one
-        recv() and one call into the session per read, where the transport's read callback
-        goes through several layers of Python calls (benchmarks/README.md, session 10). The
-        transport keeps the rest of its work: what _send leaves it, flow control on writes,
-        closing. Not for TLS (no duplicate), nor once the transport closes."""
-        fd = self._client_fd if client_side else self._server_fd
-        transport = self.client if client_side else self.server
-        if (fd < 0 or transport is None or transport.is_closing() or self.state == CLOSED
-                or (self._client_direct if client_side else self._server_direct)):
-            return
-        transport.pause_reading()
-        if client_side:
-            self._client_direct = True
-        else:
-            self._server_direct = True
-        if not self._paused[0 if client_side else 1]:
-            self._add_reader(client_side)
-
-    def _add_reader(self, client_side: bool) -> None:
-        if client_side:
-            self._loop.add_reader(self._client_fd, self.client_readable)
-        else:
-            self._loop.add_reader(self._server_fd, self.server_readable)
-
-    def _stop_direct_reads(self, client_side: bool) -> None:
-        """No reader on that side's duplicate any more (before it is closed)."""
-        if client_side:
-            if self._client_direct:
-                self._client_direct = False
-                self._loop.remove_reader(self._client_fd)
-        elif self._server_direct:
-            self._server_direct = False
-            self._loop.remove_reader(self._server_fd)
-
-    def client_readable(self) -> None:
-        """The event loop's reader of the client's socket (direct reads)."""
-        try:
-            data = recv_some(self._client_fd)
-        except OSError:
-            self._read_ended(True, failed=True)
-            return
-        if data:
-            self.client_data(data)
-        elif data is not None:
-            self._read_ended(True, failed=False)
-
-    def server_readable(self) -> None:
-        """The event loop's reader of the server's socket (direct reads)."""
-        try:
-            data = recv_some(self._server_fd)
-        except OSError:
-            self._read_ended(False, failed=True)
-            return
-        if data:
-            self.server_data(data)
-        elif data is not None:
-            self._read_ended(False, failed=False)
-
-    def _read_ended(self, client_side: bool, failed: bool) -> None:
-        """The end of that side's stream, or an error reading it: what the transport does
-        when it reads them itself (_Side.eof_received). Its connection_lost() follows."""
-        self.no_direct_sends(client_side)
-        transport = self.client if client_side else self.server
-        if transport is not None:
-            if failed:
-                transport.abort()
-            else:
-                transport.close()
 
     # -- client bytes -------------------------------------------------------------------------
 
@@ -840,7 +748,6 @@ class Session:
         self._write_server = transport.write
         self._server_buffered = transport.get_write_buffer_size
         self._server_fd = _direct_fd(transport)
-        self._read_directly(False)  # (the transport is reading by now)
         self.state = AUTH
         transport.write(startup)
         self._server_queued = True

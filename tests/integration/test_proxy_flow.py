@@ -1,9 +1,10 @@
-"""How a session reads its two sockets (session.py, direct reads): flow control when the client
-stops reading, and the end of a client's connection, cleanly or by a reset. Real PostgreSQL,
-real `pgguard run` subprocess, raw sockets."""
+"""How a session follows its two sockets: flow control when the client stops reading, and the
+end of either side's connection (cleanly, by a reset, by a reset behind unread bytes). Real
+PostgreSQL, real `pgguard run` subprocess, raw sockets."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 import time
@@ -100,3 +101,24 @@ def test_a_server_that_goes_away_ends_the_client_connection(pg, proxy) -> None:
         msgs = read_messages(s, until=b"", timeout=10)  # to the end of the stream
     fatal = [body for typ, body in msgs if typ == "E"]
     assert len(fatal) == 1 and b"57P01" in fatal[0]
+
+
+def test_a_reset_behind_unread_bytes_ends_the_session(pg, proxy) -> None:
+    """pgguard sees bytes and the reset behind them at once (it is stopped while they arrive):
+    it reads the bytes (here half a message, which nothing answers), then meets the reset and
+    ends the session; the server's backend goes. A reader that stopped after the bytes would
+    leave the session, and the backend, there for good."""
+    assert proxy.proc is not None
+    s = connect_raw(proxy)
+    md5_login(s)
+    pid = _backend_pid(s)
+    whole = m.query("SELECT 1")
+    proxy.signal(signal.SIGSTOP)
+    try:
+        s.sendall(whole[:len(whole) // 2])
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # RST, behind the half message
+        time.sleep(0.2)
+    finally:
+        proxy.signal(signal.SIGCONT)
+    assert _backend_gone(pg, pid)

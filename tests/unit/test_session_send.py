@@ -5,13 +5,10 @@ sockets on 127.0.0.1 and real uvloop transports; compiled and plain Python."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import os
 import socket
 import ssl
-import struct
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
@@ -144,46 +141,6 @@ def test_send_some_reports_what_the_socket_took(send_some: Callable[[int, bytes]
     finally:
         a.close()
         b.close()
-
-
-@pytest.mark.parametrize("recv_some", [installed_io.recv_some, PURE_IO.recv_some],
-                         ids=["installed", "pure"])
-def test_recv_some_reads_what_the_socket_has(recv_some: Callable[[int], bytes | None]) -> None:
-    """Bytes when there are some (at most 256 KiB at once), None when there are none yet,
-    b"" at the end of the stream, OSError after a reset."""
-    a, b = socket.socketpair()
-    try:
-        a.setblocking(False)
-        assert recv_some(a.fileno()) is None
-        b.sendall(b"hello")
-        assert recv_some(a.fileno()) == b"hello"
-        b.setblocking(False)
-        sent = 0
-        with contextlib.suppress(BlockingIOError):
-            while sent < 1 << 20:
-                sent += b.send(b"y" * 65536)
-        got = bytearray()
-        while (chunk := recv_some(a.fileno())) is not None:
-            assert 0 < len(chunk) <= 262144
-            got += chunk
-        assert len(got) == sent and got == b"y" * sent
-        b.close()
-        assert recv_some(a.fileno()) == b""
-    finally:
-        a.close()
-        b.close()
-    c, d = (socket.create_server(("127.0.0.1", 0)), None)
-    with c:
-        peer = socket.create_connection(c.getsockname())
-        d, _ = c.accept()
-    with d:
-        d.setblocking(False)
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        peer.close()  # RST
-        deadline = time.monotonic() + 5
-        with pytest.raises(ConnectionResetError):
-            while recv_some(d.fileno()) is None and time.monotonic() < deadline:
-                time.sleep(0.01)
 
 
 def test_tls_and_other_transports_are_never_written_directly(
