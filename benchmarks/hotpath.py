@@ -4,8 +4,8 @@ The pgbench and latency benchmarks measure the real thing, but on a small shared
 CPU-per-transaction column moves by ±15% between runs. This one takes the sockets, pgbench and
 PostgreSQL away: a real `Session`, wired by `App` (policy, metrics, audit trail to a file) as
 `pgguard run` wires it, with in-memory transports, fed what pgbench `-S -M prepared` sends
-(Bind/Execute/Sync of a prepared SELECT) and what the server answers (BindComplete, DataRow,
-CommandComplete, ReadyForQuery).
+(Bind/Describe/Execute/Sync of a prepared SELECT, as libpq sends them) and what the server
+answers (BindComplete, RowDescription, DataRow, CommandComplete, ReadyForQuery).
 
     .venv/bin/python -m benchmarks.hotpath                  # CPU µs per transaction (min, median)
     .venv/bin/python -m benchmarks.hotpath --instructions   # valgrind: instructions per transaction
@@ -98,10 +98,14 @@ async def _run(policy: str, counts: list[int]) -> list[float]:
         app.ctx.session_ready(session)
         session.client_data(m.parse(b"P0_1", STATEMENT, [23]) + _msg(b"S", b""))
         session.server_data(_msg(b"1", b"") + _msg(b"Z", b"I"))
+        # As libpq sends it for pgbench: Bind, Describe (portal), Execute, Sync.
         request = (_msg(b"B", b"\0P0_1\0" + struct.pack("!hhih", 1, 1, 4, 1) + b"\0\0\0\x2a"
                         + struct.pack("!hh", 1, 1))
-                   + m.execute(b"") + _msg(b"S", b""))
-        reply = (_msg(b"2", b"") + _msg(b"D", struct.pack("!hi", 1, 4) + b"\0\0\0\x05")
+                   + _msg(b"D", b"P\0") + m.execute(b"") + _msg(b"S", b""))
+        reply = (_msg(b"2", b"")
+                 + _msg(b"T", struct.pack("!h", 1) + b"abalance\0"
+                        + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0))
+                 + _msg(b"D", struct.pack("!hi", 1, 4) + b"\0\0\0\x05")
                  + _msg(b"C", b"SELECT 1\0") + _msg(b"Z", b"I"))
         for _ in range(2000):
             session.client_data(request)

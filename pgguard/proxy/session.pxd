@@ -26,6 +26,8 @@ cpdef Py_ssize_t _string_end(bytes buf, Py_ssize_t i, Py_ssize_t end) except? -2
 @cython.locals(i=Py_ssize_t)
 cpdef bint _same_name(bytes buf, Py_ssize_t start, Py_ssize_t end, bytes name) except? -1
 
+cdef Py_ssize_t _length(bytes buf, Py_ssize_t pos) except? -1
+
 @cython.locals(n=Py_ssize_t)
 cpdef bint _send(int fd, bytes data, object buffered, object write) except -1
 @cython.locals(t=_Tracked)
@@ -168,6 +170,13 @@ cdef class Session:
 
     cpdef object client_data(self, object data)
     cpdef object server_data(self, object data)
+    @cython.locals(framer=Framer, n=Py_ssize_t, length=Py_ssize_t, e=Py_ssize_t,
+                   nul=Py_ssize_t, described=bint, a=_Allowed, t=_Tracked, fifo=_Fifo)
+    cpdef bint _fast_request(self, bytes data) except -1
+    @cython.locals(framer=Framer, n=Py_ssize_t, length=Py_ssize_t, pos=Py_ssize_t,
+                   tag=Py_ssize_t, z=Py_ssize_t, max_len=Py_ssize_t, first=Py_ssize_t,
+                   size=Py_ssize_t, items=list, t=_Tracked, fifo=_Fifo)
+    cpdef bint _fast_reply(self, bytes data) except -1
     @cython.locals(nul=Py_ssize_t, nul2=Py_ssize_t, running=set, fifo=_Fifo)
     cpdef object _on_client_frame(self, int typ, bytes buf, Py_ssize_t start, Py_ssize_t end)
     @cython.locals(a=_Allowed, tally=Tally)

@@ -418,6 +418,13 @@ def _same_name(buf: bytes, start: int, end: int, name: bytes) -> bool:
     return True
 
 
+def _length(buf: bytes, pos: int) -> int:
+    """The message length at buf[pos:pos + 4]: an int32, signed as PostgreSQL reads it (the
+    framer's arithmetic: compiled, no step overflows a C integer)."""
+    return (((buf[pos] ^ 0x80) - 0x80) * 0x1000000
+            + (buf[pos + 1] << 16 | buf[pos + 2] << 8 | buf[pos + 3]))
+
+
 class _Side:
     """Transport callbacks of one direction (an asyncio protocol), delegated to the session.
     Compiled, its data callbacks are C calls into the session."""
@@ -656,7 +663,13 @@ class Session:
 
     def client_data(self, data: bytes) -> None:
         try:
-            if self.state >= AUTH:
+            if self.state == READY and type(data) is bytes and self._fast_request(data):
+                if self.server is not None:
+                    self._server_queued = _send(
+                        self._server_fd, data,
+                        self._server_buffered if self._server_queued else None,
+                        self._write_server)
+            elif self.state >= AUTH:
                 out = self._cframer.relay(data)
                 if out is not None and self.server is not None:
                     if isinstance(out, bytes):  # the common case: one slice, one write
@@ -754,6 +767,149 @@ class Session:
         pending, self._pending_client = self._pending_client, b""
         if pending:
             self.client_data(pending)
+
+    # -- the prepared-statement round trip in one step -----------------------------------------
+    #
+    # What prepared-statement clients send most (pgbench -M prepared and psycopg through libpq,
+    # asyncpg, pgjdbc): one read holding Bind (unnamed portal), maybe Describe of that portal
+    # (libpq sends one), Execute, Sync; answered by one read holding BindComplete, maybe
+    # RowDescription or NoData, DataRows, CommandComplete, ReadyForQuery. When a read is
+    # exactly that and everything it needs is known (the statement classified, its verdict a
+    # cached allow under the policy in force, nothing buffered in the framer), the session
+    # does in one step what the framer's callbacks would do message by message: the same FIFO
+    # entries, the same decision and bookkeeping, the same bytes forwarded. Anything else, or
+    # any doubt, returns False before changing anything, and the framer takes the read
+    # (tests/unit/test_session_fastpath.py holds the two ways to the same results).
+
+    def _fast_request(self, data: bytes) -> bool:
+        framer = self._cframer
+        if (framer._buf or framer._stream_left or framer._drop_left or framer._held
+                or framer._later_end or self._client_copy_open):
+            return False
+        n = len(data)
+        if n < 28 or data[0] != 0x42:  # the shortest Bind is 13 bytes, Execute 10, Sync 5
+            return False
+        length = _length(data, 1)
+        e = 1 + length  # after the Bind
+        if length < 4 or length > framer._max_len:
+            return False
+        described = n == e + 22  # 7 bytes more: Describe of the unnamed portal
+        if described:
+            if data[e] != 0x44 or _length(data, e + 1) != 6 or data[e + 5] != 0x50 \
+                    or data[e + 6] != 0:
+                return False
+            e += 7
+        elif n != e + 15:
+            return False
+        # Execute of the unnamed portal (any row limit), then Sync, and nothing after them.
+        if (data[e] != 0x45 or _length(data, e + 1) != 9 or data[e + 5] != 0
+                or data[e + 10] != 0x53 or _length(data, e + 11) != 4):
+            return False
+        if data[5] != 0:  # a named portal: the framer's way
+            return False
+        # The statement name, within the head the framer would show _on_client_frame.
+        nul = _string_end(data, 6, min(1 + length, 5 + framer._head_bytes))
+        if nul < 0:
+            return False
+        stmt = self._bind_name  # kept as _on_client_frame keeps it
+        if not _same_name(data, 6, nul, stmt):
+            stmt = self._bind_name = data[6:nul] if nul > 6 else b""
+        prepared = self._statements.get(stmt)
+        if prepared is None or self._stmt_epoch is not self._epoch_cell[0]:
+            return False
+        c = prepared[1]
+        a = self._last_allowed  # the cached verdict, checked as _decide checks it
+        if a is None or a.classification is not c:
+            a = self._allowed.get(id(c))
+        if (a is None or a.classification is not c or a.tally is None or not a.plain
+                or a.epoch != self._guard_epoch[0]
+                or (a.sensitive and not self.ctx.audit_healthy())):
+            return False
+        # Decided: what Bind, Describe, Execute (_decide, _forwarded) and Sync would record.
+        self._unnamed = prepared
+        self._unnamed_running = True
+        a.tally.value += 1
+        self._last_allowed = a
+        t = _track(self._spare, K_EXEC, c, "allowed", a.rule, None)
+        self._spare = None
+        t.family = a.family
+        fifo = self._fifo
+        fifo.append(_E_BIND)
+        if described:
+            fifo.append(_E_DESCRIBE_P)
+        fifo.append(t)
+        fifo.append(_E_SYNC)
+        return True
+
+    def _fast_reply(self, data: bytes) -> bool:
+        fifo = self._fifo
+        first = fifo._first
+        size = fifo._end - first
+        if size != 3 and size != 4:
+            return False
+        items = fifo._items
+        head = items[first + size - 2]
+        if (items[first] is not _E_BIND or items[first + size - 1] is not _E_SYNC
+                or type(head) is not _Tracked
+                or (size == 4 and items[first + 1] is not _E_DESCRIBE_P)):
+            return False
+        t = head  # typed (session.pxd): its fields are C fields
+        if t.kind != K_EXEC:
+            return False
+        framer = self._sframer
+        if (framer._buf or framer._stream_left or framer._drop_left or framer._held
+                or framer._later_end):
+            return False
+        n = len(data)
+        if n < 17 or data[0] != 0x32 or _length(data, 1) != 4:  # BindComplete
+            return False
+        max_len = framer._max_len
+        pos = 5
+        if size == 4:  # the Describe's answer: RowDescription or NoData
+            if pos + 5 > n or (data[pos] != 0x54 and data[pos] != 0x6E):
+                return False
+            length = _length(data, pos + 1)
+            if length < 4 or length > max_len:
+                return False
+            pos += 1 + length
+        while pos + 5 <= n and data[pos] == 0x44:  # DataRows
+            length = _length(data, pos + 1)
+            if length < 4 or length > max_len:
+                return False
+            pos += 1 + length
+        if pos + 5 > n or data[pos] != 0x43:  # CommandComplete
+            return False
+        tag = pos
+        length = _length(data, tag + 1)
+        if length < 5 or length > max_len:
+            return False
+        z = tag + 1 + length  # ReadyForQuery, the last message
+        if z + 6 != n or data[z] != 0x5A or _length(data, z + 1) != 5:
+            return False
+        if self.client is not None:
+            self._client_queued = _send(
+                self._client_fd, data, self._client_buffered if self._client_queued else None,
+                self._write_client)
+        # After the client has the reply, as the framer's LATER callbacks: BindComplete pops
+        # the Bind, RowDescription or NoData the Describe, CommandComplete the Execute (with
+        # its rows), ReadyForQuery the Sync.
+        rows = _tag_rows(data, tag, z)
+        if rows is not None:
+            t.rows = rows if t.rows is None else rows + t.rows
+        fifo.popleft()
+        if size == 4:
+            fifo.popleft()
+        fifo.popleft()
+        self._finished(t)
+        fifo.popleft()
+        self.txn_status = _BYTES[data[z + 5]]
+        if self._settle_at_z:
+            self._settle_at_z = False
+            self._encoding_settled()
+        if self._shutting_down and self.txn_status == b"I":
+            asyncio.get_running_loop().call_soon(self._shutdown_if_idle)
+        self._report_done()
+        return True
 
     # -- client frames (framer callback) ------------------------------------------------------
 
@@ -1182,6 +1338,8 @@ class Session:
 
     def server_data(self, data: bytes) -> None:
         try:
+            if self.state == READY and type(data) is bytes and self._fast_reply(data):
+                return
             out = self._sframer.relay(data)
             if out is not None and self.client is not None:
                 if isinstance(out, bytes):

@@ -15,12 +15,10 @@ Python would fail here, not go unnoticed.
 from __future__ import annotations
 
 import errno
-import importlib.util
 import itertools
 import json
 import os
 import struct
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -38,27 +36,17 @@ import pgguard.proxy.session as session_module
 from pgguard.classify import PiiRules, classify
 from pgguard.errors import ProtocolError
 from pgguard.proxy.session import CLIENT_TABLE, SERVER_READY_TABLE, SERVER_TABLE
+from tests.pure import pure
 
 
 def _is_compiled(module: ModuleType) -> bool:
     return not str(module.__file__).endswith(".py")
 
 
-def _pure(module: ModuleType) -> ModuleType:
-    """`module` loaded from its .py source as plain Python, under another name."""
-    source = Path(str(module.__file__)).with_name(module.__name__.rpartition(".")[2] + ".py")
-    spec = importlib.util.spec_from_file_location(f"pgguard_pure_{source.stem}", source)
-    assert spec is not None and spec.loader is not None
-    loaded = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = loaded  # dataclasses look their module up there
-    spec.loader.exec_module(loaded)
-    return loaded
-
-
-PURE = _pure(compiled_framing)
-PURE_AUDIT = _pure(compiled_audit)
-PURE_TALLY = _pure(compiled_tally)
-PURE_USUAL = _pure(compiled_usual)
+PURE = pure(compiled_framing)
+PURE_AUDIT = pure(compiled_audit)
+PURE_TALLY = pure(compiled_tally)
+PURE_USUAL = pure(compiled_usual)
 
 
 @pytest.fixture(autouse=True)

@@ -3,9 +3,6 @@ replace, as compiled (C loops) and as plain Python."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -13,30 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pgguard.proxy.session as installed
-
-
-def _pure_session() -> ModuleType:
-    source = Path(installed.__file__).with_name("session.py")
-    spec = importlib.util.spec_from_file_location("pgguard_pure_session", source)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-PURE = _pure_session()
-COMPILED = None if str(installed.__file__).endswith(".py") else installed
+from tests.pure import compiled_or_pure
 
 
 @pytest.fixture(scope="module", params=["compiled", "pure"])
 def module(request: pytest.FixtureRequest) -> ModuleType:
-    if request.param == "pure":
-        return PURE
-    if COMPILED is None:
-        if os.environ.get("CI"):
-            pytest.fail("session.py is not compiled (setup.py needs Cython and a C compiler)")
-        pytest.skip("pure Python install: session.py not compiled")
-    return COMPILED
+    return compiled_or_pure(request.param, installed)
 
 
 def _reference_rows(tag: bytes) -> int | None:

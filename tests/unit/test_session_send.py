@@ -5,8 +5,6 @@ sockets on 127.0.0.1 and real uvloop transports; compiled and plain Python."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -19,31 +17,14 @@ import uvloop
 
 import pgguard.proxy._io as installed_io
 import pgguard.proxy.session as installed
+from tests.pure import compiled_or_pure, pure
 
-
-def _pure(module: ModuleType, name: str) -> ModuleType:
-    source = Path(str(module.__file__)).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"pgguard_pure_{name}", source)
-    assert spec is not None and spec.loader is not None
-    pure = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pure)
-    return pure
-
-
-PURE = _pure(installed, "session")
-PURE_IO = _pure(installed_io, "_io")
-COMPILED = None if str(installed.__file__).endswith(".py") else installed
+PURE_IO = pure(installed_io)
 
 
 @pytest.fixture(scope="module", params=["compiled", "pure"])
 def module(request: pytest.FixtureRequest) -> ModuleType:
-    if request.param == "pure":
-        return PURE
-    if COMPILED is None or str(installed_io.__file__).endswith(".py"):
-        if os.environ.get("CI"):
-            pytest.fail("session.py / _io.pyx are not compiled (setup.py needs Cython and cc)")
-        pytest.skip("pure Python install: session.py not compiled")
-    return COMPILED
+    return compiled_or_pure(request.param, installed, installed_io)
 
 
 def _run(coro: Callable[[], Awaitable[Any]]) -> Any:
