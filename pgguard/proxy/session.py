@@ -8,6 +8,10 @@ that forwards bytes in bulk and calls back only for the messages we must see:
     server → client   everything but DataRow, CopyData, NoticeResponse and Notification;
                       once ready, after the bytes are written to the client (but ErrorResponse)
 
+The usual prepared-statement round trip (Bind, Describe, Execute, Sync in one read, and its reply
+in one read) is recognised by the session itself and booked in one step, as those callbacks
+would book it (`_fast_request`, `_fast_reply`); anything else goes through the framer.
+
 The reply FIFO (`_fifo`) holds one entry per forwarded message that expects a reply, in order;
 server replies pop it (PROTOCOL §1.3). An entry is a kind (an int, the frontend type byte), or a
 `_Marked` entry when the message was replaced by a poison whose ErrorResponse must be swapped
