@@ -819,7 +819,8 @@ class Session:
         if not _same_name(data, 6, nul, stmt):
             stmt = self._bind_name = data[6:nul] if nul > 6 else b""
         prepared = self._statements.get(stmt)
-        if prepared is None or self._stmt_epoch is not self._epoch_cell[0]:
+        if (prepared is None or self._stmt_epoch is not self._epoch_cell[0]
+                or (self._stale and stmt in self._stale)):  # to classify again (_reclassified)
             return False
         c = prepared[1]
         a = self._last_allowed  # the cached verdict, checked as _decide checks it
@@ -935,7 +936,8 @@ class Session:
             prepared = self._statements.get(stmt)
             if prepared is None:  # a statement of SQL PREPARE, or one we never saw
                 prepared = (None, self._sql_prepared(stmt))
-            elif self._stmt_epoch is not self._epoch_cell[0]:  # changes only with a reload
+            elif (self._stmt_epoch is not self._epoch_cell[0]  # changes only with a reload
+                  or (self._stale and stmt in self._stale)):  # not bound since the last one
                 prepared = self._reclassified(stmt, prepared)
             if portal:
                 self._portals[portal] = prepared
@@ -1042,15 +1044,18 @@ class Session:
                       prepared: tuple[str | None, Classification]) -> tuple[str | None,
                                                                           Classification]:
         """The rules or the catalog changed since this session's statements were classified:
-        classify this one again before it is bound (in process: a reload is rare)."""
+        classify this one again before it is bound (in process: a reload is rare). Every
+        statement prepared before the reload is stale until its next Bind, whichever is bound
+        first (`_stale`, checked at each Bind while it is not empty)."""
         text = prepared[0]
         if self._stmt_epoch is not self._cache.epoch:  # as at Bind: a reload makes a new one
             self._stmt_epoch = self._cache.epoch
             self._stale = set(self._statements)
-        if stmt in self._stale and text is not None:
+        if stmt in self._stale:
             self._stale.discard(stmt)
-            prepared = (text, self._cache.classify(text, self._facts, parse_message=True))
-            self._statements[stmt] = prepared
+            if text is not None:  # (None: not decodable, unknown under any rules)
+                prepared = (text, self._cache.classify(text, self._facts, parse_message=True))
+                self._statements[stmt] = prepared
         return prepared
 
     async def _guarded(self, work: Any) -> None:

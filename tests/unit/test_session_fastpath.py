@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -84,6 +84,11 @@ LIBPQ_TRIP = (bind(b"s1") + describe() + execute() + SYNC,
               BIND_COMPLETE + ROW_DESCRIPTION + row() + complete(b"SELECT 1") + READY)
 
 
+SELECT2 = b"SELECT abalance, bid FROM pgbench_accounts WHERE aid = $1"
+LIBPQ_TRIP_2 = (bind(b"s2") + describe() + execute() + SYNC,
+                BIND_COMPLETE + ROW_DESCRIPTION + row() + complete(b"SELECT 1") + READY)
+
+
 # -- the harness ---------------------------------------------------------------------------------
 
 class _Capture:
@@ -126,6 +131,30 @@ def _config(home: Path) -> dict[str, Any]:
     }
 
 
+class Reload:
+    """A step of a scenario: change the configuration file and reload it, as SIGHUP does."""
+
+    def __init__(self, change: Callable[[dict[str, Any]], None]) -> None:
+        self.change = change
+
+    def __call__(self, app: App, path: Path) -> None:
+        config = json.loads(path.read_text())
+        self.change(config)
+        path.write_text(json.dumps(config))
+        app.reload()
+
+
+def _pii_balance(config: dict[str, Any]) -> None:
+    config["pii"]["tables"]["public.pgbench_accounts"] = ["abalance"]
+
+
+def _no_reads(config: dict[str, Any]) -> None:
+    config["roles"]["developer"]["allow"] = ["tx"]
+
+
+Step = tuple[bytes, bytes] | Reload
+
+
 def _split(data: bytes, whole: bool) -> Iterator[bytes]:
     if whole:
         yield data
@@ -133,7 +162,7 @@ def _split(data: bytes, whole: bool) -> Iterator[bytes]:
         yield from (data[i:i + 1] for i in range(len(data)))
 
 
-async def _run(module: ModuleType, home: Path, exchanges: list[tuple[bytes, bytes]],
+async def _run(module: ModuleType, home: Path, exchanges: list[Step],
                whole: bool) -> dict[str, Any]:
     path = home / "pgguard.yaml"
     path.write_text(json.dumps(_config(home)))
@@ -152,7 +181,11 @@ async def _run(module: ModuleType, home: Path, exchanges: list[tuple[bytes, byte
         session.state, session.user, session.database = module.STATES["ready"], "app", "app"
         session._sframer.set_table(module.SERVER_READY_TABLE)
         app.ctx.session_ready(session)
-        for request, reply in exchanges:
+        for step in exchanges:
+            if isinstance(step, Reload):
+                step(app, path)
+                continue
+            request, reply = step
             for chunk in _split(request, whole):
                 session.client_data(chunk)
             for chunk in _split(reply, whole):
@@ -174,6 +207,9 @@ async def _run(module: ModuleType, home: Path, exchanges: list[tuple[bytes, byte
             "fifo": [(type(e).__name__, e.kind) for e in session._fifo],
             "unnamed": session._unnamed, "unnamed_running": session._unnamed_running,
             "txn_status": session.txn_status, "encoding": session._encoding,
+            "stale": sorted(session._stale), "running": sorted(session._running),
+            "portals": sorted(session._portals), "settle_at_z": session._settle_at_z,
+            "copy_open": session._client_copy_open,
             "events": events, "metrics": metrics,
         }
     finally:
@@ -181,7 +217,7 @@ async def _run(module: ModuleType, home: Path, exchanges: list[tuple[bytes, byte
 
 
 def _both(module: ModuleType, tmp_path: Path,
-          exchanges: list[tuple[bytes, bytes]]) -> tuple[dict[str, Any], dict[str, Any]]:
+          exchanges: list[Step]) -> tuple[dict[str, Any], dict[str, Any]]:
     runs = []
     for whole in (True, False):
         home = tmp_path / ("whole" if whole else "bytes")
@@ -193,7 +229,7 @@ def _both(module: ModuleType, tmp_path: Path,
 
 # -- the scenarios -------------------------------------------------------------------------------
 
-SCENARIOS: dict[str, list[tuple[bytes, bytes]]] = {
+SCENARIOS: dict[str, list[Step]] = {
     "repeated prepared reads": [PREPARE] + [ROUND_TRIP] * 5,
     "libpq's round trips": [PREPARE] + [LIBPQ_TRIP] * 5,
     "libpq's round trip of a statement without rows": [
@@ -268,6 +304,24 @@ SCENARIOS: dict[str, list[tuple[bytes, bytes]]] = {
         (bind(b"p") + execute() + SYNC, error(b"42501") + READY),
         ROUND_TRIP,
     ],
+    "a reload makes both statements PII (denied)": [
+        PREPARE,
+        (m.parse(b"s2", SELECT2, [23]) + SYNC, _msg(b"1") + READY),
+        ROUND_TRIP,
+        LIBPQ_TRIP_2,
+        Reload(_pii_balance),
+        (LIBPQ_TRIP_2[0], error(b"42501") + READY),  # s2 first: classified again, refused
+        (ROUND_TRIP[0], error(b"42501") + READY),  # and s1 too
+        (m.query(b"SELECT 1"), ROW_DESCRIPTION + row() + complete(b"SELECT 1") + READY),
+    ],
+    "a reload takes reads away (denied)": [
+        PREPARE,
+        ROUND_TRIP,
+        LIBPQ_TRIP,
+        Reload(_no_reads),
+        (ROUND_TRIP[0], error(b"42501") + READY),
+        (LIBPQ_TRIP[0], error(b"42501") + READY),
+    ],
     "SET client_encoding, prepared": [
         PREPARE,
         (m.parse(b"enc", b"SET client_encoding = 'LATIN1'", []) + SYNC, _msg(b"1") + READY),
@@ -285,10 +339,31 @@ def test_one_step_matches_the_framer(module: ModuleType, tmp_path: Path, name: s
     assert whole == bytewise
     # Nothing replaced or lost: each side got what the other sent (but a poison's swap).
     if "denied" not in name:
-        exchanges = SCENARIOS[name]
+        exchanges = [step for step in SCENARIOS[name] if not isinstance(step, Reload)]
         assert whole["to_server"] == b"".join(r for r, _ in exchanges)
         assert whole["to_client"] == b"".join(a for _, a in exchanges)
     assert whole["fifo"] == []
+
+
+def _decisions(run: dict[str, Any]) -> list[str]:
+    return [e["decision"] for e in run["events"] if e["event"] == "statement"]
+
+
+def test_a_reload_reaches_every_prepared_statement(module: ModuleType, tmp_path: Path) -> None:
+    """Rules that make a column PII apply to every statement prepared before the reload, at
+    its next Bind, whichever statement is bound first (a bug fixed in session 11: only the
+    first one bound was classified again, the others kept their old, allowed, classes)."""
+    whole, bytewise = _both(module, tmp_path, SCENARIOS["a reload makes both statements PII (denied)"])
+    assert whole == bytewise
+    # (the SELECT 1 after them: the session is still usable)
+    assert _decisions(whole) == ["allowed", "allowed", "denied", "denied", "allowed"]
+    assert whole["stale"] == []
+
+
+def test_a_policy_reload_ends_the_cached_allow(module: ModuleType, tmp_path: Path) -> None:
+    whole, bytewise = _both(module, tmp_path, SCENARIOS["a reload takes reads away (denied)"])
+    assert whole == bytewise
+    assert _decisions(whole) == ["allowed", "allowed", "denied", "denied"]
 
 
 def test_the_usual_round_trip_takes_one_step(tmp_path: Path) -> None:
