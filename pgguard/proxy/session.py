@@ -795,7 +795,8 @@ class Session:
             return False
         length = _length(data, 1)
         e = 1 + length  # after the Bind
-        if length < 4 or length > framer._max_len:
+        # (A limit under 9 bytes would refuse the Execute: the framer's way, then.)
+        if length < 4 or length > framer._max_len or framer._max_len < 9:
             return False
         described = n == e + 22  # 7 bytes more: Describe of the unnamed portal
         if described:
